@@ -1,0 +1,251 @@
+"""Checkpoint files: read tensors lazily, write sharded safetensors, and publish output folders atomically.
+
+- :class:`CheckpointReader` opens a model folder's weights (model.safetensors, sharded safetensors with
+  an index, or pytorch_model*.bin) and hands out one tensor at a time, so a caller can stream a model
+  larger than memory.
+- :class:`ShardWriter` writes tensors into shards of bounded size and the index file transformers
+  expects when there is more than one.
+- :func:`atomic_output` builds an output in a temporary sibling folder and renames it into place, so
+  an interrupted or failed run leaves either nothing or a complete result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import CompressError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def is_weight_file(path: Path) -> bool:
+    """True for files that hold tensors (and their index), which copies of a folder must not carry over."""
+    return path.suffix in WEIGHT_SUFFIXES or path.name in INDEX_NAMES
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a model folder.
+
+    Use as a context manager; ``keys()`` lists tensor names, ``get(name)`` loads one tensor,
+    ``info(name)`` gives (dtype, shape) without loading it.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            self._index_safetensors(files)
+        else:
+            bins = sorted(self.folder.glob("pytorch_model*.bin")) or sorted(self.folder.glob("*.bin"))
+            if not bins:
+                raise CompressError(f"model folder {self.folder} has no weights (no .safetensors or .bin file)")
+            self._bin = {}
+            for f in bins:
+                try:
+                    part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # torch raises several types for damaged zip archives
+                    raise CompressError(f"weights file {f} cannot be read ({type(e).__name__}); it may be truncated") from None
+                for k, v in part.items():
+                    self._bin[k] = v
+                    self._where[k] = f
+
+    def _index_safetensors(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CompressError(f"{index} is not a valid safetensors index ({e})") from None
+            wanted = {self.folder / name for name in set(weight_map.values())}
+            missing = [p.name for p in wanted if not p.is_file()]
+            if missing:
+                raise CompressError(f"shard {missing[0]} listed in {index.name} is missing from {self.folder}")
+            files = sorted(wanted)
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+                names = list(handle.keys())
+            except Exception as e:  # SafetensorError is not importable in every version
+                raise CompressError(f"safetensors file {f} cannot be read ({str(e).splitlines()[0]}); it may be truncated or corrupt") from None
+            self._handles[f] = handle
+            for k in names:
+                self._where[k] = f
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bin = None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._where.values()))
+
+    def get(self, key: str) -> torch.Tensor:
+        """Load tensor ``key`` (a CompressError if the file turns out to be damaged)."""
+        if self._bin is not None:
+            return self._bin[key]
+        try:
+            return self._handles[self._where[key]].get_tensor(key)
+        except KeyError:
+            raise CompressError(f"the checkpoint has no tensor {key}") from None
+        except Exception as e:
+            raise CompressError(f"tensor {key} in {self._where[key].name} cannot be read ({str(e).splitlines()[0]})") from None
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of ``key`` without loading its data."""
+        if self._bin is not None:
+            t = self._bin[key]
+            return t.dtype, tuple(t.shape)
+        sl = self._handles[self._where[key]].get_slice(key)
+        return _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape())
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self._where:
+            yield key, self.get(key)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` each.
+
+    Tensors are added one at a time and flushed when a shard is full, so memory holds at most one
+    shard. ``close()`` names the shards model-0000i-of-0000n.safetensors (or model.safetensors when
+    there is one) and writes model.safetensors.index.json for more than one.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in names for _, names in self._shards):
+            raise CompressError(f"tensor {name} was written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush, rename the shards to their final names, write the index; returns the shard paths."""
+        self._flush()
+        if not self._shards:
+            raise CompressError("no tensors were written")
+        n = len(self._shards)
+        final, weight_map = [], {}
+        for i, (tmp, names) in enumerate(self._shards):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            target = self.folder / name
+            os.replace(tmp, target)
+            final.append(target)
+            weight_map.update({k: name for k in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ("config.json",)) -> None:
+    """Copy everything of a model folder except weights (and ``skip``): tokenizer, configs, pooling."""
+    for item in sorted(src.iterdir()):
+        if item.name in skip or item.name.startswith(".") or is_weight_file(item):
+            continue
+        if item.is_dir():
+            if any(is_weight_file(p) for p in item.rglob("*")):
+                continue  # a sub-model with its own weights (for example a dense head) is not ours to copy blindly
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out``.
+
+    An existing ``out`` is refused unless ``overwrite``; on any exception the temporary is removed and
+    ``out`` is left as it was.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
+    parent = out.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as e:
+            raise CompressError(f"cannot create the output folder {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise CompressError(f"output folder {parent} is not writable")
+    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    if not is_file:
+        tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise

@@ -1,0 +1,151 @@
+"""Configuration dataclasses, one per method, validated on construction and round-tripped through JSON.
+
+The CLI builds these from its flags and calls the same API a Python user calls, so every check lives
+here once. Invalid values raise CompressError with one sentence that names the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import CompressError
+from .quant.primitives import QuantSpec
+
+
+def _check_regexes(patterns, option: str) -> None:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise CompressError(f"{option} '{p}' is not a valid regular expression ({e})") from None
+
+
+class JSONConfig:
+    """to_dict / from_dict / to_json / from_json for the dataclasses below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CompressError(f"{cls.__name__} has no option '{unknown[0]}'")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class WeightQuantConfig(JSONConfig):
+    """Weight-only integer quantization into the GPTQ checkpoint layout.
+
+    Args:
+        bits: code width, 2, 3, 4 or 8.
+        group_size: input columns per scale / zero point; -1 for one group per output row.
+        sym: symmetric quantization (fixed zero point) instead of asymmetric.
+        skip: regular expressions (re.search on the module's dotted name) of layers to keep in full
+            precision. Embeddings and output heads are never quantized: only Linear layers inside the
+            repeated blocks are candidates.
+        overrides: regular expression -> {"bits": b, "group_size": g} for layers that need other
+            settings (for example 8 bits for ``down_proj``). The first matching pattern wins.
+        blocks: dotted name of the repeated block list, when structure discovery picks the wrong one.
+    """
+
+    method: ClassVar[str] = "weight"
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    skip: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, int]] = field(default_factory=dict)
+    blocks: str | None = None
+
+    def __post_init__(self):
+        QuantSpec(self.bits, self.group_size, self.sym)
+        _check_regexes(self.skip, "--skip")
+        _check_regexes(self.overrides, "--override")
+        for pattern, values in self.overrides.items():
+            extra = set(values) - {"bits", "group_size"}
+            if extra:
+                raise CompressError(f"override '{pattern}' sets '{sorted(extra)[0]}'; only bits and group_size can be overridden")
+            QuantSpec(values.get("bits", self.bits), values.get("group_size", self.group_size), self.sym)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The QuantSpec of layer ``name``, or None when ``skip`` excludes it."""
+        if any(re.search(p, name) for p in self.skip):
+            return None
+        for pattern, values in self.overrides.items():
+            if re.search(pattern, name):
+                return QuantSpec(values.get("bits", self.bits), values.get("group_size", self.group_size), self.sym)
+        return self.spec
+
+
+@dataclass
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest: data-free weight quantization, the baseline every other method must beat."""
+
+    method: ClassVar[str] = "rtn"
+
+
+@dataclass
+class EvalConfig(JSONConfig):
+    """What the evaluation harness measures and how long it spends.
+
+    Args:
+        data: text for perplexity and embedding fidelity: 'builtin' (the held-out split of the built-in
+            corpus), a .txt / .jsonl / .csv file, or 'hf:NAME' for a dataset in the local cache.
+        labeled: a labeled .csv / .jsonl file (text and label columns) for classifier accuracy.
+        text_field: column or field holding the text in data / labeled files.
+        label_field: column or field holding the label in the labeled file.
+        seqlen: window length for perplexity and prefill latency (capped at the model's positions).
+        ppl_tokens: tokens scored for perplexity (causal and masked models).
+        kl_tokens: positions whose full output distributions are compared for KL divergence.
+        samples: texts embedded or classified for fidelity and agreement.
+        batch_size, latency_seqlen: the encoder latency batch (32 x 128 tokens by default).
+        decode_tokens: tokens generated to time decoding.
+        repeats, warmup: timed runs (the median is reported) and untimed warm-up runs.
+        latency: measure latency at all.
+        device: where models run ('auto', 'cpu', 'cuda').
+        seed: seeds masking and sampling, so runs are comparable.
+    """
+
+    data: str = "builtin"
+    labeled: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    seqlen: int = 512
+    ppl_tokens: int = 8192
+    kl_tokens: int = 2048
+    samples: int = 256
+    batch_size: int = 32
+    latency_seqlen: int = 128
+    decode_tokens: int = 32
+    repeats: int = 5
+    warmup: int = 1
+    latency: bool = True
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("seqlen", "ppl_tokens", "samples", "batch_size", "latency_seqlen", "decode_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise CompressError(f"evaluation option {name} must be at least 1, got {getattr(self, name)}")
+        if self.seqlen < 2:
+            raise CompressError("evaluation seqlen must be at least 2 tokens")
+        if self.kl_tokens < 0 or self.warmup < 0:
+            raise CompressError("evaluation options kl_tokens and warmup cannot be negative")

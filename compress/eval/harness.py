@@ -1,0 +1,151 @@
+"""The evaluation harness: size, bits per weight, parameters, peak memory, latency, accuracy and KL of
+any models, side by side. Every command ends with it; nothing else measures these things its own way.
+
+Models are evaluated one after another in this process; each is loaded, measured and released before
+the next, and its peak memory is the resident-set growth over what was in use before it was loaded.
+The first model is the reference: the others' KL divergence, embedding cosine and agreement are
+computed against its outputs.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import EvalConfig
+from ..errors import CompressError
+from ..models import LoadedModel, load, resolve_device
+from . import measure
+from .report import ModelResult, Report
+from .tasks import EVALUATORS
+
+
+def describe_quantization(quant: dict | None, dtype: torch.dtype | None = None) -> str:
+    """Short label of a model's format: 'fp32', 'rtn w4 g128', 'gptq w3 g128 asym' ..."""
+    if not quant:
+        return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "full")
+    method = quant.get("meta", {}).get("method") or quant.get("quant_method", "?")
+    if quant.get("quant_method") == "gptq":
+        group = quant.get("group_size", -1)
+        label = f"{method} w{quant.get('bits')} g{'pc' if group == -1 else group}"
+        if not quant.get("sym", True):
+            label += " asym"
+        if quant.get("desc_act"):
+            label += " act"
+        return label
+    return str(method)
+
+
+def _stored_dtype(loaded: LoadedModel) -> torch.dtype | None:
+    from ..checkpoint import CheckpointReader
+
+    with CheckpointReader(loaded.path) as reader:
+        for key in reader.keys():
+            dtype, _ = reader.info(key)
+            if dtype.is_floating_point:
+                return dtype
+    return None
+
+
+def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, trust_remote_code: bool = False):
+    """Measure one model (a path or a LoadedModel); returns (ModelResult, outputs for later comparison).
+
+    Peak memory is the larger of the growth while loading and the model's resident size plus the growth
+    while running the latency workload (prefill and decode, or one encoder batch). That workload runs
+    after the accuracy evaluation, so one-time costs of a first forward pass are not counted.
+    """
+    start = time.perf_counter()
+    with measure.PeakMemory(device) as load_mem:
+        loaded = item if isinstance(item, LoadedModel) else load(item, device=device, trust_remote_code=trust_remote_code)
+    metrics, outputs = EVALUATORS[loaded.kind](loaded, cfg, ref)
+    repeats, warmup = (cfg.repeats, cfg.warmup) if cfg.latency else (1, 0)
+    with measure.PeakMemory(device) as run_mem:
+        if loaded.kind == "causal":
+            latency = measure.causal_latency(loaded, cfg.seqlen, cfg.decode_tokens, repeats, warmup)
+        else:
+            latency = measure.encoder_latency(loaded, cfg.batch_size, cfg.latency_seqlen, repeats, warmup)
+    if not cfg.latency:
+        latency = {}
+    peak = None
+    if load_mem.peak is not None and run_mem.peak is not None:
+        peak = max(load_mem.peak, (load_mem.end or 0) + run_mem.peak)
+    result = ModelResult(
+        name=loaded.name,
+        path=str(loaded.path),
+        kind=loaded.kind,
+        quantization=describe_quantization(loaded.quantization, _stored_dtype(loaded)),
+        weights_bytes=measure.weights_bytes(loaded.path),
+        folder_bytes=measure.folder_bytes(loaded.path),
+        bits_per_weight=measure.bits_per_weight(loaded),
+        params=measure.count_parameters(loaded.model),
+        peak_bytes=peak,
+        latency=latency,
+        metrics=metrics,
+        seconds=time.perf_counter() - start,
+    )
+    return result, outputs
+
+
+def _warm_up(models, cfg: EvalConfig, trust_remote_code: bool) -> None:
+    """Pay one-time costs before any measurement (reading the evaluation text, importing each model's
+    code, starting its tokenizer), so the first model's memory and time are not inflated by them."""
+    from ..models import build_skeleton, detect_kind, load_config, load_tokenizer, read_config_dict, resolve_model_path
+    from .tasks import _heldout
+
+    if not cfg.labeled:
+        _heldout(cfg)
+    for item in models:
+        if isinstance(item, LoadedModel):
+            continue
+        path = resolve_model_path(item)
+        build_skeleton(load_config(path, trust_remote_code), detect_kind(path, read_config_dict(path)), trust_remote_code)
+        load_tokenizer(path, trust_remote_code)
+
+
+def compare(models, config: EvalConfig | None = None, *, trust_remote_code: bool = False, progress: bool = True) -> Report:
+    """Evaluate ``models`` (paths, or LoadedModel objects) side by side; the first is the reference.
+
+    Args:
+        models: model folders (None for the embedded default model) or already loaded models.
+        config: what to measure (EvalConfig defaults: held-out built-in corpus, latency on).
+        progress: print one line per model to stderr as it finishes.
+
+    Returns:
+        A Report; ``report.table()`` is what the CLI prints.
+    """
+    cfg = config or EvalConfig()
+    if not models:
+        raise CompressError("evaluation needs at least one model")
+    device = resolve_device(cfg.device)
+    _warm_up(models, cfg, trust_remote_code)
+    results, ref = [], None
+    kinds = set()
+    for i, item in enumerate(models):
+        result, outputs = evaluate_one(item, cfg, ref, device, trust_remote_code)
+        kinds.add(result.kind)
+        if len(kinds) > 1:
+            raise CompressError(f"models of different kinds cannot be compared ({', '.join(sorted(kinds))})")
+        if i == 0:
+            ref = outputs
+        results.append(result)
+        if progress:
+            import sys
+
+            print(f"evaluated {result.name} in {result.seconds:.1f} s", file=sys.stderr)
+        del outputs
+        gc.collect()
+    _disambiguate(results)
+    return Report(results=results, device=str(device), config=cfg.to_dict())
+
+
+def _disambiguate(results: list[ModelResult]) -> None:
+    """Give rows that share a folder name the parent folder too, so the table tells them apart."""
+    names = [r.name for r in results]
+    for r in results:
+        if names.count(r.name) > 1 and r.path:
+            parent = Path(r.path).parent.name
+            r.name = f"{parent}/{r.name}" if parent else r.name
+

@@ -1,0 +1,1 @@
+"""Quantization: primitives, packing, methods, the GPTQ checkpoint format, runtime modules and loading."""
