@@ -1,13 +1,15 @@
 """`compress <command>`: parse flags, build a config, call the public API, print the harness table.
 
-Every command takes --model (default: the embedded all-MiniLM-L6-v2), --out and --device, and ends by
-evaluating the input model against the result (--no-eval skips it). Errors the user can fix print one
-sentence and exit with code 2; nothing partial is left behind.
+Each command lives in ``compress/commands/<name>.py`` with a ``register(subparsers)`` function; this
+module holds what they share: the flags every command takes (--model, --out, --device and the
+evaluation options), the closing evaluation table, and error handling. Errors the user can fix print
+one sentence and exit with code 2; nothing partial is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -15,23 +17,27 @@ from pathlib import Path
 from . import __version__
 from .errors import CompressError
 
-METHODS = ("rtn",)
+# command modules under compress/commands, in the order --help lists them
+COMMANDS = ("quantize", "eval")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (and exit code 2) instead of the usage block."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output_help: str = "output path",
+               model_help: str | None = None) -> None:
+    """--model, --out, --device, --trust-remote-code and the evaluation options."""
     if many_models:
         p.add_argument("--model", action="append", metavar="PATH",
                        help="model folder, or 'default' for the embedded all-MiniLM-L6-v2; repeat to compare several")
     else:
-        p.add_argument("--model", metavar="PATH", help="local model folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--out", metavar="PATH", help="output path" if output else "folder for report.json, report.md and report.png")
+        p.add_argument("--model", metavar="PATH",
+                       help=model_help or "local model folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--out", metavar="PATH", help=output_help)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run: a GPU when present (auto), or force cpu / cuda")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model folders that ship their own code")
@@ -52,59 +58,19 @@ def _add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output
     g.add_argument("--plot", metavar="FILE.png", help="also plot accuracy against size")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="compress", description="Make transformer models smaller and faster, and prove it.")
-    parser.add_argument("--version", action="version", version=f"compress {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
-
-    q = sub.add_parser("quantize", help="quantize weights (round-to-nearest) into the GPTQ checkpoint format",
-                       description="Quantize a model's Linear layers and save a folder that compress.load, "
-                                   "transformers and vLLM read.")
-    _add_common(q)
-    q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
-    q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, help="columns per scale: 32, 64, 128 or -1 (default 128)")
-    sym = q.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric quantization (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (per-group zero points)")
-    q.add_argument("--skip", action="append", default=[], metavar="REGEX",
-                   help="keep layers whose name matches in full precision (repeatable)")
-    q.add_argument("--override", action="append", default=[], metavar="REGEX=bits:B[,group_size:G]",
-                   help="other bits / group size for matching layers (repeatable)")
-    q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list, if not found automatically")
-    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.set_defaults(func=cmd_quantize)
-
-    e = sub.add_parser("eval", help="compare models side by side: size, bits per weight, memory, latency, accuracy, KL",
-                       description="Evaluate models side by side; the first --model is the reference.")
-    _add_common(e, many_models=True, output=False)
-    e.set_defaults(func=cmd_eval)
-    return parser
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
-    """'REGEX=bits:8,group_size:32' -> {'REGEX': {'bits': 8, 'group_size': 32}}."""
-    out = {}
-    for item in items:
-        pattern, sep, body = item.rpartition("=")
-        if not sep or not pattern:
-            raise CompressError(f"--override '{item}' must look like REGEX=bits:8 or REGEX=bits:8,group_size:32")
-        values = {}
-        for part in body.split(","):
-            key, colon, value = part.partition(":")
-            if not colon or not value.strip().lstrip("-").isdigit():
-                raise CompressError(f"--override '{item}': '{part}' must be bits:N or group_size:N")
-            values[key.strip()] = int(value)
-        out[pattern] = values
-    return out
-
-
-def eval_config(args) -> "EvalConfig":
+def eval_config(args):
+    """The EvalConfig the evaluation flags describe (validated)."""
     from .config import EvalConfig
 
     return EvalConfig(data=args.eval_data, labeled=args.labeled, text_field=args.text_field, label_field=args.label_field,
                       seqlen=args.eval_seqlen, ppl_tokens=args.eval_tokens, samples=args.eval_samples,
                       repeats=args.repeats, latency=not args.no_latency, device=args.device)
+
+
+def check_eval_args(args) -> None:
+    """Validate the evaluation flags before any long work starts."""
+    if not getattr(args, "no_eval", False):
+        eval_config(args)
 
 
 def run_eval(models: list, args, out_dir: Path | None = None) -> None:
@@ -127,33 +93,19 @@ def run_eval(models: list, args, out_dir: Path | None = None) -> None:
         print(f"wrote {out_dir}/report.json, report.md, report.png")
 
 
-def _check_eval_args(args) -> None:
-    """Validate evaluation options before any long work starts."""
-    if getattr(args, "no_eval", False):
-        return
-    eval_config(args)
-
-
-def cmd_quantize(args) -> None:
-    from .config import RTNConfig
-    from .quant.apply import quantize
-
-    if args.method not in METHODS:
-        raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
-    config = RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
-                       overrides=parse_overrides(args.override), blocks=args.blocks)
-    _check_eval_args(args)
-    report = quantize(args.model, args.out, config, device=args.device, overwrite=args.overwrite,
-                      trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
-    print(report.summary())
+def finish(args, source, result) -> None:
+    """The closing table every producing command prints: the input model against its result."""
     if not args.no_eval:
-        run_eval([args.model, report.output], args)
+        run_eval([source, result], args)
 
 
-def cmd_eval(args) -> None:
-    models = args.model or [None]
-    out_dir = Path(args.out) if args.out else None
-    run_eval(models, args, out_dir)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="compress", description="Make transformer models smaller and faster, and prove it.")
+    parser.add_argument("--version", action="version", version=f"compress {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"compress.commands.{name}").register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

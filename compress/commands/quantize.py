@@ -1,0 +1,67 @@
+"""`compress quantize`: weight quantization into a checkpoint that compress.load and other tools read."""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import add_common, check_eval_args, finish
+from ..errors import CompressError
+
+METHODS = ("rtn",)
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize weights into the GPTQ checkpoint format",
+                       description="Quantize a model's Linear layers and save a folder that compress.load, "
+                                   "transformers and vLLM read.")
+    add_common(q)
+    q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
+    q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="columns per scale: 32, 64, 128 or -1 (default 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric quantization (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric quantization (per-group zero points)")
+    q.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                   help="keep layers whose name matches in full precision (repeatable)")
+    q.add_argument("--override", action="append", default=[], metavar="REGEX=bits:B[,group_size:G]",
+                   help="other bits / group size for matching layers (repeatable)")
+    q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list, if not found automatically")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
+    """'REGEX=bits:8,group_size:32' -> {'REGEX': {'bits': 8, 'group_size': 32}}."""
+    out = {}
+    for item in items:
+        pattern, sep, body = item.rpartition("=")
+        if not sep or not pattern:
+            raise CompressError(f"--override '{item}' must look like REGEX=bits:8 or REGEX=bits:8,group_size:32")
+        values = {}
+        for part in body.split(","):
+            key, colon, value = part.partition(":")
+            if not colon or not value.strip().lstrip("-").isdigit():
+                raise CompressError(f"--override '{item}': '{part}' must be bits:N or group_size:N")
+            values[key.strip()] = int(value)
+        out[pattern] = values
+    return out
+
+
+def build_config(args):
+    from ..config import RTNConfig
+
+    if args.method not in METHODS:
+        raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
+    return RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
+                     overrides=parse_overrides(args.override), blocks=args.blocks)
+
+
+def run(args) -> None:
+    from ..quant.apply import quantize
+
+    config = build_config(args)
+    check_eval_args(args)
+    report = quantize(args.model, args.out, config, device=args.device, overwrite=args.overwrite,
+                      trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
+    print(report.summary())
+    finish(args, args.model, report.output)
