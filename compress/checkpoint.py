@@ -135,6 +135,12 @@ class CheckpointReader:
             yield key, self.get(key)
 
 
+def check_finite(key: str, tensor: torch.Tensor) -> None:
+    """CompressError when a floating-point tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CompressError(f"tensor {key} contains NaN or Inf values; the model is damaged and cannot be quantized")
+
+
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
     with open(path, "rb") as f:

@@ -103,6 +103,56 @@ class RTNConfig(WeightQuantConfig):
 
 
 @dataclass
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ: quantize each layer column by column with a Hessian from calibration data.
+
+    Args (beyond WeightQuantConfig's):
+        act_order: quantize columns in order of decreasing Hessian diagonal (desc_act in the format).
+        static_groups: with act_order, fix group parameters from the original weights so groups stay
+            contiguous in column order (faster kernels).
+        damp: fraction of the mean Hessian diagonal added to it (raised automatically if needed).
+        block_size: columns per lazy-update block.
+        mse: search each group's clipping range for the smallest error.
+        true_sequential: solve the layers of a block in the order they run, each seeing its
+            predecessors' quantized outputs.
+        calib: calibration text: 'builtin', a .txt / .jsonl / .csv file, or 'hf:NAME'.
+        nsamples, seqlen: calibration samples and their length in tokens (seqlen None: 2048 or the
+            model's maximum, whichever is smaller).
+        calib_batch_size: samples per forward pass.
+        offload: keep calibration activations on disk instead of in memory.
+        seed: seeds the choice of calibration samples.
+        text_field: column / field holding the text in calibration files.
+    """
+
+    method: ClassVar[str] = "gptq"
+
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+    true_sequential: bool = True
+    calib: str = "builtin"
+    nsamples: int = 128
+    seqlen: int | None = None
+    calib_batch_size: int = 8
+    offload: bool = False
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.damp <= 1:
+            raise CompressError(f"--damp {self.damp} must lie in (0, 1]; 0.01 is usual")
+        if self.nsamples < 1:
+            raise CompressError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CompressError(f"--seqlen must be at least 2 tokens, got {self.seqlen}")
+        if self.block_size < 1 or self.calib_batch_size < 1:
+            raise CompressError("the GPTQ block size and calibration batch size must be at least 1")
+
+
+@dataclass
 class EvalConfig(JSONConfig):
     """What the evaluation harness measures and how long it spends.
 

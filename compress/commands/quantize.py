@@ -7,15 +7,15 @@ import sys
 from ..cli import add_common, check_eval_args, finish
 from ..errors import CompressError
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 def register(sub) -> None:
-    q = sub.add_parser("quantize", help="quantize weights into the GPTQ checkpoint format",
+    q = sub.add_parser("quantize", help="quantize weights (GPTQ, round-to-nearest) into the GPTQ checkpoint format",
                        description="Quantize a model's Linear layers and save a folder that compress.load, "
                                    "transformers and vLLM read.")
     add_common(q)
-    q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
+    q.add_argument("--method", default="gptq", help=f"quantization method: {', '.join(METHODS)} (default gptq)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="columns per scale: 32, 64, 128 or -1 (default 128)")
     sym = q.add_mutually_exclusive_group()
@@ -26,6 +26,21 @@ def register(sub) -> None:
     q.add_argument("--override", action="append", default=[], metavar="REGEX=bits:B[,group_size:G]",
                    help="other bits / group size for matching layers (repeatable)")
     q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list, if not found automatically")
+    g = q.add_argument_group("GPTQ (--method gptq)")
+    g.add_argument("--calib", default="builtin", metavar="SRC",
+                   help="calibration text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    g.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per sample (default 2048 or the model's maximum, whichever is smaller)")
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal (desc_act)")
+    g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group parameters up front")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, a fraction of its mean diagonal (default 0.01)")
+    g.add_argument("--mse", action="store_true", help="search each group's clipping range for the smallest error")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="solve all layers of a block from the block's unquantized inputs (faster, less accurate)")
+    g.add_argument("--calib-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    g.add_argument("--offload", action="store_true", help="keep calibration activations on disk instead of in memory")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=run)
 
@@ -48,12 +63,18 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
 
 
 def build_config(args):
-    from ..config import RTNConfig
+    from ..config import GPTQConfig, RTNConfig
 
     if args.method not in METHODS:
         raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
-    return RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
-                     overrides=parse_overrides(args.override), blocks=args.blocks)
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
+                  overrides=parse_overrides(args.override), blocks=args.blocks)
+    if args.method == "gptq":
+        return GPTQConfig(**common, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                          mse=args.mse, true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
+                          seqlen=args.seqlen, calib_batch_size=args.calib_batch_size, offload=args.offload,
+                          seed=args.seed, text_field=args.text_field)
+    return RTNConfig(**common)
 
 
 def run(args) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, copy_side_files
-from ..config import RTNConfig, WeightQuantConfig
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
+from ..config import GPTQConfig, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
 from ..models import (DEFAULT_MODEL_NAME, block_linears, build_skeleton, checkpoint_key_map, default_model_path,
                       detect_kind, is_conv1d, linear_shape, load_config, read_config_dict, resolve_device,
@@ -96,7 +96,8 @@ def _is_default(source: Path) -> bool:
 
 
 def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointReader, trust_remote_code: bool = False):
-    """(kind, targets, skipped): the Linear layers of the repeated blocks and how each is quantized."""
+    """(kind, targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each
+    is quantized, the model's skeleton and the map from its state-dict names to checkpoint keys."""
     config_dict = read_config_dict(source)
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "unknown")
@@ -119,13 +120,7 @@ def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointRead
             targets.append(LayerTarget(name, key, bias_key, k, n, is_conv1d(module), spec, block))
     if not targets:
         raise CompressError("no Linear layer is left to quantize (every one matches --skip)")
-    return kind, targets, skipped
-
-
-def check_finite(key: str, tensor: torch.Tensor) -> None:
-    """CompressError when a floating-point tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CompressError(f"tensor {key} contains NaN or Inf values; the model is damaged and cannot be quantized")
+    return kind, targets, skipped, skeleton, key_of
 
 
 def write_config_files(source: Path, out: Path, quantization_config: dict) -> None:
@@ -154,7 +149,7 @@ def quantize(
         model: local model folder (None: the embedded default model). Only read, never modified.
         out: output folder (default ``./<model>-<method>-w<bits>g<group>``); refused if it exists
             unless ``overwrite``.
-        config: an RTNConfig (the default).
+        config: an RTNConfig (the default) or a GPTQConfig (calibrated, layer by layer).
         device: where the arithmetic runs: 'auto', 'cpu' or 'cuda'.
         progress: show a progress bar on stderr.
         max_shard_bytes: largest output shard.
@@ -163,14 +158,19 @@ def quantize(
         A QuantizeReport; the folder loads with ``compress.load(out)``.
     """
     config = config or RTNConfig()
+    if isinstance(config, GPTQConfig):
+        from .gptq_model import quantize_gptq
+
+        return quantize_gptq(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                             progress=progress, max_shard_bytes=max_shard_bytes)
     if not isinstance(config, RTNConfig):
-        raise CompressError(f"method '{config.method}' is not available in this version; use rtn")
+        raise CompressError(f"method '{config.method}' is not available; use rtn or gptq")
     source = resolve_model_path(model)
     dev = resolve_device(device)
     out_path = Path(out) if out else default_output(source, config)
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
-        kind, targets, skipped = plan_targets(source, config, reader, trust_remote_code)
+        kind, targets, skipped, _, _ = plan_targets(source, config, reader, trust_remote_code)
         by_key = {t.key: t for t in targets}
         bias_keys = {t.bias_key: t for t in targets if t.bias_key}
         reports = []
