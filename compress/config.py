@@ -60,6 +60,9 @@ class WeightQuantConfig(JSONConfig):
         overrides: regular expression -> {"bits": b, "group_size": g} for layers that need other
             settings (for example 8 bits for ``down_proj``). The first matching pattern wins.
         blocks: dotted name of the repeated block list, when structure discovery picks the wrong one.
+        dtype: dtype of the tensors left unquantized (embeddings, norms, heads): 'auto' (float16,
+            or bfloat16 when the checkpoint is bfloat16: what GPTQ kernels compute in), 'float16',
+            'bfloat16' or 'float32'.
     """
 
     method: ClassVar[str] = "weight"
@@ -70,9 +73,12 @@ class WeightQuantConfig(JSONConfig):
     skip: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     blocks: str | None = None
+    dtype: str = "auto"
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
         _check_regexes(self.skip, "--skip")
         _check_regexes(self.overrides, "--override")
         for pattern, values in self.overrides.items():

@@ -26,6 +26,8 @@ def register(sub) -> None:
     q.add_argument("--override", action="append", default=[], metavar="REGEX=bits:B[,group_size:G]",
                    help="other bits / group size for matching layers (repeatable)")
     q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list, if not found automatically")
+    q.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="dtype of the tensors left unquantized (auto: float16, or bfloat16 for bfloat16 models)")
     g = q.add_argument_group("GPTQ (--method gptq)")
     g.add_argument("--calib", default="builtin", metavar="SRC",
                    help="calibration text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
@@ -68,7 +70,7 @@ def build_config(args):
     if args.method not in METHODS:
         raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
-                  overrides=parse_overrides(args.override), blocks=args.blocks)
+                  overrides=parse_overrides(args.override), blocks=args.blocks, dtype=args.dtype)
     if args.method == "gptq":
         return GPTQConfig(**common, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
                           mse=args.mse, true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,

@@ -70,6 +70,11 @@ class QuantizeReport:
 
     def summary(self) -> str:
         lines = [f"quantized {len(self.layers)} layers of {self.source} with {self.method} in {self.seconds:.1f} s -> {self.output}"]
+        losses = [layer for layer in self.layers if layer.loss is not None]
+        if losses:
+            worst = max(losses, key=lambda layer: layer.loss)
+            mean = sum(layer.loss for layer in losses) / len(losses)
+            lines.append(f"reconstruction loss: mean {mean:.4g}, largest {worst.loss:.4g} ({worst.name})")
         if self.skipped:
             lines.append(f"kept in full precision by --skip: {len(self.skipped)} layers")
         refused = self.vllm_refused()
@@ -123,10 +128,29 @@ def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointRead
     return kind, targets, skipped, skeleton, key_of
 
 
-def write_config_files(source: Path, out: Path, quantization_config: dict) -> None:
-    """config.json with quantization_config, quantize_config.json, and the input's other files."""
+def output_dtype(choice: str, reader: CheckpointReader) -> torch.dtype:
+    """dtype for the unquantized floating-point tensors of the output (see WeightQuantConfig.dtype)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    stored = {reader.info(k)[0] for k in reader.keys()}
+    return torch.bfloat16 if torch.bfloat16 in stored else torch.float16
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point tensors in ``dtype``; integer tensors (ids, masks) untouched."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def write_config_files(source: Path, out: Path, quantization_config: dict, dtype: torch.dtype | None = None) -> None:
+    """config.json with quantization_config (and the output's dtype), quantize_config.json, and the
+    input's other files."""
     config = read_config_dict(source)
     config["quantization_config"] = quantization_config
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["torch_dtype"] = name
+        if "dtype" in config:
+            config["dtype"] = name
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
     copy_side_files(source, out)
@@ -173,6 +197,7 @@ def quantize(
         kind, targets, skipped, _, _ = plan_targets(source, config, reader, trust_remote_code)
         by_key = {t.key: t for t in targets}
         bias_keys = {t.bias_key: t for t in targets if t.bias_key}
+        dtype = output_dtype(config.dtype, reader)
         reports = []
         with atomic_output(out_path, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
@@ -193,10 +218,10 @@ def quantize(
                 elif key in bias_keys:
                     continue  # written with its layer, in float16 as the format prescribes
                 else:
-                    writer.add(key, tensor)
+                    writer.add(key, cast_floating(tensor, dtype))
             writer.close()
             qcfg = gptq_quantization_config(config.spec, method=config.method, skip=config.skip, overrides=config.overrides)
-            write_config_files(source, tmp, qcfg)
+            write_config_files(source, tmp, qcfg, dtype)
     return QuantizeReport(source, out_path.absolute(), config.method, config.to_dict(), reports, skipped,
                           time.perf_counter() - start)
 

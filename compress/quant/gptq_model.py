@@ -19,7 +19,8 @@ from ..config import GPTQConfig
 from ..data import calibration
 from ..errors import CompressError
 from ..models import load_tokenizer, max_positions, resolve_device, resolve_model_path
-from .apply import LayerReport, QuantizeReport, default_output, plan_targets, write_config_files
+from .apply import (LayerReport, QuantizeReport, cast_floating, default_output, output_dtype, plan_targets,
+                    write_config_files)
 from .formats import gptq_quantization_config, gptq_tensors, vllm_refusals
 from .gptq import accumulate_hessian, make_hessian, quantize_weight
 
@@ -98,6 +99,7 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
         samples = calibration(load_tokenizer(source, trust_remote_code), config.calib, config.nsamples, seqlen,
                               config.seed, text_field=config.text_field)
         by_name = {t.name: t for t in targets}
+        dtype = output_dtype(config.dtype, reader)
         method = GPTQMethod(config, {t.name: t.spec for t in targets})
         runner = Runner(skeleton, reader, key_of, device=dev, dtype=compute_dtype(dev, reader), blocks=config.blocks,
                         batch_size=config.calib_batch_size,
@@ -130,13 +132,13 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
                 for pname in block.module.state_dict(keep_vars=True):
                     key = key_of.get(f"{block.prefix}.{pname}")
                     if key is not None and key not in written:
-                        writer.add(key, reader.get(key))
+                        writer.add(key, cast_floating(reader.get(key), dtype))
                         written.add(key)
             for key in reader.keys():
                 if key not in written:
                     tensor = reader.get(key)
                     check_finite(key, tensor)
-                    writer.add(key, tensor)
+                    writer.add(key, cast_floating(tensor, dtype))
             writer.close()
             qcfg = gptq_quantization_config(
                 config.spec, method="gptq", desc_act=config.act_order, damp_percent=config.damp,
@@ -144,7 +146,7 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
                 overrides=config.overrides,
                 extra_meta={"calibration": config.calib, "nsamples": config.nsamples, "seqlen": seqlen,
                             "mse": config.mse, "seed": config.seed})
-            write_config_files(source, tmp, qcfg)
+            write_config_files(source, tmp, qcfg, dtype)
         if bar is not None:
             bar.close()
     layers = [reports[t.name] for t in targets]
