@@ -31,16 +31,13 @@ class Recorder(Identity):
         self.rows = {}
 
     def observer(self, in_features, device):
-        rows = self.rows
-
         class Count:
             def __init__(self):
                 self.n = 0
 
             def add_batch(self, x):
                 self.n += x.reshape(-1, x.shape[-1]).shape[0]
-        obs = Count()
-        return obs
+        return Count()
 
     def solve(self, name, weight, observer):
         self.rows[name] = observer.n

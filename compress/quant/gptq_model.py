@@ -94,7 +94,7 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
     out_path = Path(out) if out else default_output(source, config)
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
-        kind, targets, skipped, skeleton, key_of = plan_targets(source, config, reader, trust_remote_code)
+        _, targets, skipped, skeleton, key_of = plan_targets(source, config, reader, trust_remote_code)
         seqlen = calibration_seqlen(config, skeleton.config)
         samples = calibration(load_tokenizer(source, trust_remote_code), config.calib, config.nsamples, seqlen,
                               config.seed, text_field=config.text_field)
