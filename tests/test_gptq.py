@@ -91,9 +91,9 @@ def test_damping_is_raised_until_the_factorization_works():
     x = correlated_inputs(32, n=16)  # fewer samples than channels: H is singular
     h = hessian_of(x)
     h -= 0.05 * torch.diag(h).mean() * torch.eye(32)  # indefinite: damp 0.01 cannot fix it, 0.1 can
-    from compress.quant.gptq import _inverse_cholesky
+    from compress.quant.gptq import prepare_hessian
 
-    assert _inverse_cholesky(h, 0.01, "x")[1] == pytest.approx(0.1)
+    assert prepare_hessian(h, damp=0.01).damp == pytest.approx(0.1)
     r = quantize_weight(torch.randn(8, 32), h, QuantSpec(4, -1, True), damp=0.01)
     assert torch.isfinite(r.dequantize()).all()
 

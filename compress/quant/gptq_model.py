@@ -22,7 +22,7 @@ from ..models import load_tokenizer, max_positions, resolve_device, resolve_mode
 from .apply import (LayerReport, QuantizeReport, cast_floating, default_output, output_dtype, plan_targets,
                     write_config_files)
 from .formats import gptq_quantization_config, gptq_tensors, vllm_refusals
-from .gptq import accumulate_hessian, make_hessian, quantize_weight
+from .gptq import accumulate_hessian, make_hessian, prepare_hessian, quantize_weight
 
 DEFAULT_MAX_SEQLEN = 2048
 
@@ -33,6 +33,7 @@ class HessianObserver:
     def __init__(self, in_features: int, device: torch.device):
         self.hessian = make_hessian(in_features, device)
         self.count = 0
+        self.prepared = None  # the factored inverse, shared by the layers that read this input
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         self.count = accumulate_hessian(self.hessian, self.count, inputs)
@@ -54,9 +55,10 @@ class GPTQMethod:
     def solve(self, name: str, weight: torch.Tensor, observer: HessianObserver):
         check_finite(f"{name}.weight", weight)
         cfg = self.config
-        result = quantize_weight(weight, observer.hessian, self.specs[name], act_order=cfg.act_order,
-                                 static_groups=cfg.static_groups, damp=cfg.damp, block_size=cfg.block_size,
-                                 mse=cfg.mse, name=name)
+        if observer.prepared is None:
+            observer.prepared = prepare_hessian(observer.hessian, damp=cfg.damp, act_order=cfg.act_order, name=name)
+        result = quantize_weight(weight, None, self.specs[name], static_groups=cfg.static_groups,
+                                 block_size=cfg.block_size, mse=cfg.mse, name=name, prepared=observer.prepared)
         return result.dequantize(weight.dtype).to(weight.device), result
 
 
