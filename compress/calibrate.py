@@ -36,6 +36,7 @@ from torch import nn
 
 from .checkpoint import check_finite
 from .errors import CompressError
+from .memory import release_free_memory
 from .models import find_blocks, find_linears, is_conv1d
 
 
@@ -294,6 +295,8 @@ class Runner:
                 hidden = self._advance(block, hidden, kwargs_list, index)
                 yield result
                 release(block)
+                self.reader.release()
+                release_free_memory()
         finally:
             hidden.clear()
             if self._tmp is not None:
