@@ -38,6 +38,11 @@ def test_nf4_flags_reach_the_checkpoint(tiny_model, tmp_path, capsys):
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["bnb_4bit_quant_type"], qcfg["bnb_4bit_use_double_quant"], qcfg["bnb_4bit_compute_dtype"],
             qcfg["meta"]["blocksize"]) == ("fp4", False, "bfloat16", 128)
+    import compress
+    import torch
+
+    layer = compress.load(out).model.get_submodule("model.layers.0.mlp.up_proj")
+    assert (layer.quant_type, layer.blocksize, layer.double_quant, layer.compute_dtype) == ("fp4", 128, False, torch.bfloat16)
 
 
 def test_flags_that_do_not_fit_the_method_are_refused():

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compress_kernels.reference import absmax_of, dequantize_4bit
+
 from ..errors import CompressError
 
 # --------------------------------------------------------------------------------------------------
@@ -162,8 +164,6 @@ class NF4Result:
 
     def block_absmax(self) -> torch.Tensor:
         """float32 [blocks]: the block maxima, decoded when they are double-quantized."""
-        from compress_kernels.reference import absmax_of
-
         return absmax_of(self.absmax, self.nested.absmax if self.nested else None,
                          self.nested.quant_map if self.nested else None,
                          self.nested.offset if self.nested else None,
@@ -171,8 +171,6 @@ class NF4Result:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The reconstructed weight, shape ``shape``, in ``dtype`` (default: the original dtype)."""
-        from compress_kernels.reference import dequantize_4bit
-
         return dequantize_4bit(self.packed, self.block_absmax(), self.quant_map, self.shape, self.blocksize,
                                self.dtype).to(dtype or self.dtype)
 
