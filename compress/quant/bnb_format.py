@@ -182,7 +182,8 @@ def bnb_cpu_limits(in_features: int, out_features: int, blocksize: int) -> list[
     which is wrong when a row does not end on a block boundary (in_features a multiple of 16 but not of
     the block size); with AVX-512-BF16, inference in eval mode repacks the weight and needs
     in_features a multiple of the block size and out_features a multiple of 32. The quantized values
-    are the same either way: GPUs and compress.load compute such layers correctly.
+    are the same either way: compress.load computes such layers correctly, and bitsandbytes' CUDA
+    kernels index the scales by position in the flattened weight.
     """
     reasons = []
     if in_features % blocksize:

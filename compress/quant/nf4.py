@@ -92,14 +92,19 @@ def _bounds_and_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (code[order[:-1]] + code[order[1:]]) / 2, order
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_lut() -> torch.Tensor:
-    """bitsandbytes' CPU lookup table: bin i of [-1, 1] (65536 bins) -> index of the nearest code."""
-    code = _dynamic_map()
+def _lut_for(code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CPU lookup table for a sorted 256-entry ``code``: bin i of [-1, 1] (65536 bins) ->
+    index of the code nearest the bin's centre (float32 arithmetic, as its kernel builds it)."""
+    code = code.float().cpu()
     midpoints = 0.5 * (code[:-1] + code[1:])
     i = torch.arange(_LUT_SIZE, dtype=torch.float32)
     centers = -1.0 + (2.0 * i) / (_LUT_SIZE - 1)
-    return torch.bucketize(centers, midpoints).to(torch.uint8)  # count of midpoints below each center
+    return torch.bucketize(centers, midpoints).to(torch.uint8)  # count of midpoints below each centre
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_lut() -> torch.Tensor:
+    return _lut_for(_dynamic_map())
 
 
 def check_blocksize(blocksize: int, option: str = "--blocksize") -> None:
@@ -239,13 +244,6 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     codes = lut[bins]
     codes = torch.where(nonzero.unsqueeze(1), codes, torch.zeros_like(codes))  # an all-zero block stores code 0
     return codes.reshape(-1)[:n], absmax
-
-
-def _lut_for(code: torch.Tensor) -> torch.Tensor:
-    code = code.float().cpu()
-    midpoints = 0.5 * (code[:-1] + code[1:])
-    i = torch.arange(_LUT_SIZE, dtype=torch.float32)
-    return torch.bucketize(-1.0 + (2.0 * i) / (_LUT_SIZE - 1), midpoints).to(torch.uint8)
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, NestedState]:

@@ -41,8 +41,8 @@ class NF4QuantizeReport(QuantizeReport):
         if self.skipped:
             lines.append(f"kept in full precision by --skip: {len(self.skipped)} layers")
         if self.bnb_cpu_limited:
-            lines.append(f"bitsandbytes 0.50's CPU kernels mishandle {len(self.bnb_cpu_limited)} layers (quantized as "
-                         "bitsandbytes quantizes them; compress.load and GPUs run them correctly):")
+            lines.append(f"bitsandbytes 0.50's CPU kernels mishandle {len(self.bnb_cpu_limited)} layers (quantized exactly as "
+                         "bitsandbytes quantizes them; compress.load runs them correctly):")
             lines += [f"  {name}: {'; '.join(reasons)}" for name, reasons in self.bnb_cpu_limited[:20]]
             if len(self.bnb_cpu_limited) > 20:
                 lines.append(f"  ... and {len(self.bnb_cpu_limited) - 20} more")
