@@ -193,7 +193,7 @@ def quantize(
         return quantize_nf4(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
                             progress=progress, max_shard_bytes=max_shard_bytes)
     if not isinstance(config, RTNConfig):
-        raise CompressError(f"method '{config.method}' is not available; use rtn or gptq")
+        raise CompressError(f"method '{config.method}' is not available; use rtn, gptq or nf4")
     source = resolve_model_path(model)
     dev = resolve_device(device)
     out_path = Path(out) if out else default_output(source, config)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, copy_side_files
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
 from ..config import NF4Config
-from ..models import (DEFAULT_MODEL_NAME, build_skeleton, default_model_path, linear_types, load_config,
-                      read_config_dict, resolve_device, resolve_model_path)
-from .apply import LayerReport, QuantizeReport, check_finite, plan_targets
+from ..models import DEFAULT_MODEL_NAME, default_model_path, linear_types, read_config_dict, resolve_device, resolve_model_path
+from .apply import LayerReport, QuantizeReport, plan_targets
 from .bnb_format import bnb_cpu_limits, bnb_quantization_config, bnb_tensors
 from .nf4 import quantize_weight
 
@@ -96,8 +95,7 @@ def quantize_nf4(
     out_path = Path(out) if out else default_nf4_output(source, config)
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
-        kind, targets, skipped = plan_targets(source, config, reader, trust_remote_code)
-        skeleton = build_skeleton(load_config(source, trust_remote_code), kind, trust_remote_code)
+        _, targets, skipped, skeleton, _ = plan_targets(source, config, reader, trust_remote_code)
         keep = full_precision_linears(skeleton, {t.name for t in targets})
         by_key = {t.key: t for t in targets}
         reports, limited = [], []
