@@ -135,6 +135,10 @@ class NF4Config(JSONConfig):
         skip: regular expressions (re.search on the module's dotted name) of layers to keep in full
             precision. Only Linear layers inside the repeated blocks are candidates.
         blocks: dotted name of the repeated block list, when structure discovery picks the wrong one.
+        dtype: the model's dtype in the output, as for the other methods: 'auto' (float16, or bfloat16
+            when the checkpoint is bfloat16), 'float16', 'bfloat16' or 'float32'. Unquantized tensors
+            are stored in it and the weights are cast to it before quantization, so the folder is what
+            transformers saves after loading the model in that dtype and quantizing it.
     """
 
     method: ClassVar[str] = "nf4"
@@ -145,8 +149,11 @@ class NF4Config(JSONConfig):
     compute_dtype: str = "float32"
     skip: list[str] = field(default_factory=list)
     blocks: str | None = None
+    dtype: str = "auto"
 
     def __post_init__(self):
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
         if self.quant_type not in QUANT_TYPES:
             raise CompressError(f"--quant-type {self.quant_type} is not supported; choose nf4 or fp4")
         check_blocksize(self.blocksize)

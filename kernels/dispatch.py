@@ -81,18 +81,16 @@ def nf4_matmul(
     nested_quant_map: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     nested_blocksize: int = 256,
-    weight_dtype: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
     force: str | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for a 4-bit blockwise weight W [N, K] (``shape``), computed in x's dtype.
 
     ``absmax`` holds float32 block scales, or uint8 codes of them decoded with ``nested_absmax``,
-    ``nested_quant_map`` and ``offset`` (double quantization); ``weight_dtype`` is the dtype the
-    weight is dequantized to before it is cast to x's dtype.
+    ``nested_quant_map`` and ``offset`` (double quantization).
     """
     layer = dict(packed=packed, absmax=absmax, quant_map=quant_map, shape=tuple(shape), blocksize=blocksize,
                  nested_absmax=nested_absmax, nested_quant_map=nested_quant_map, offset=offset,
-                 nested_blocksize=nested_blocksize, weight_dtype=weight_dtype, bias=bias)
+                 nested_blocksize=nested_blocksize, bias=bias)
     name = choose_backend(x, force, _NF4_BACKENDS, **layer)
     return _NF4_BACKENDS[name][1](x, **layer)

@@ -179,11 +179,11 @@ def nf4_matmul(
     nested_quant_map: torch.Tensor | None = None,
     offset: torch.Tensor | float | None = None,
     nested_blocksize: int = 256,
-    weight_dtype: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for a 4-bit blockwise weight W [N, K]: decode the scales, dequantize to
-    ``weight_dtype`` (the weight's original dtype), cast to x's dtype, then F.linear."""
+    """``x @ W.T + bias`` for a 4-bit blockwise weight W [N, K]: decode the scales, dequantize straight
+    into x's dtype (float32 products rounded once, as bitsandbytes' matmul does whatever dtype the
+    weight had before quantization), then F.linear."""
     scales = absmax_of(absmax, nested_absmax, nested_quant_map, offset, nested_blocksize)
-    w = dequantize_4bit(packed, scales, quant_map, shape, blocksize, weight_dtype).to(x.dtype)
+    w = dequantize_4bit(packed, scales, quant_map, shape, blocksize, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -147,7 +147,8 @@ def _out(loaded, ids):
 def test_quantize_save_load_run(tiny_model, tmp_path, hash_tree, arch):
     src = tiny_model(arch)
     before = hash_tree(src)
-    report = compress.quantize(src, tmp_path / "q", NF4Config(blocksize=32), progress=False)
+    # float32 throughout, so the quantized model must be exactly the dense one with dequantized weights
+    report = compress.quantize(src, tmp_path / "q", NF4Config(blocksize=32, dtype="float32"), progress=False)
     assert hash_tree(src) == before, "the input folder must never change"
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "bitsandbytes" and qcfg["bnb_4bit_use_double_quant"] is True
@@ -158,6 +159,21 @@ def test_quantize_save_load_run(tiny_model, tmp_path, hash_tree, arch):
     ids = torch.randint(5, quant.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(_out(quant, ids), _out(_dense_with(src, quant), ids))
+
+
+def test_output_dtype_is_the_model_dtype(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    compress.quantize(src, tmp_path / "q", NF4Config(), progress=False)  # auto: float16 for a float32 model
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    original = load_file(str(src / "model.safetensors"))
+    assert state["model.embed_tokens.weight"].dtype == torch.float16 and state["lm_head.weight"].dtype == torch.float16
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["torch_dtype"] == "float16"
+    key = "model.layers.0.mlp.up_proj.weight"
+    state_json = json.loads(bytes(state[key + ".quant_state.bitsandbytes__nf4"].tolist()))
+    assert state_json["dtype"] == "float16", "weights are cast to the model dtype before quantization"
+    assert torch.equal(state[key], nf4.quantize_weight(original[key].half()).packed)
+    layer = compress.load(tmp_path / "q").model.get_submodule("model.layers.0.mlp.up_proj")
+    assert layer.dequantize().dtype == torch.float16 and layer(torch.ones(1, 64)).dtype == torch.float32
 
 
 def test_skip_list_tells_transformers_what_stays_dense(tiny_model, tmp_path):

@@ -148,16 +148,18 @@ def _sentences(tokenizer):
     return tokenizer(texts, padding=True, return_tensors="pt")
 
 
-@pytest.mark.parametrize("config", [NF4Config(), NF4Config(quant_type="fp4", double_quant=False, blocksize=128)],
-                         ids=["nf4-b64-dq", "fp4-b128"])
+@pytest.mark.parametrize("config", [NF4Config(), NF4Config(quant_type="fp4", double_quant=False, blocksize=128, dtype="float32")],
+                         ids=["nf4-b64-dq-float16", "fp4-b128-float32"])
 def test_transformers_loads_our_output(bnb, minilm, tmp_path, config):
     from transformers import AutoModel
 
     out = tmp_path / "q"
     compress.quantize(minilm, out, config, progress=False)
-    ours = compress.load(out)
+    dtype = torch.float32 if config.dtype == "float32" else torch.float16  # auto: float16 for MiniLM
+    ours = compress.load(out, dtype=dtype)
     batch = _sentences(ours.tokenizer)
-    theirs = AutoModel.from_pretrained(str(out), device_map="cpu").eval()
+    theirs = AutoModel.from_pretrained(str(out), device_map="cpu").eval()  # in the stored dtype
+    assert theirs.dtype == dtype
     quantized = [n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 36 and isinstance(theirs.pooler.dense, torch.nn.Linear), "llm_int8_skip_modules is honoured"
     for name in quantized:  # (before a forward pass, which may repack the weights for the CPU)
@@ -171,7 +173,7 @@ def test_transformers_loads_our_output(bnb, minilm, tmp_path, config):
                 module.support_avx512bf16_for_cpu = bnb.functional.has_avx512bf16()
         fast = theirs(**batch).last_hidden_state
     assert torch.equal(exact, expected), "identical outputs on bitsandbytes' float32 path"
-    assert torch.nn.functional.cosine_similarity(fast.flatten(), expected.flatten(), dim=0) > 0.9999
+    assert torch.nn.functional.cosine_similarity(fast.flatten().float(), expected.flatten().float(), dim=0) > 0.999
 
 
 def test_we_load_what_transformers_saved(bnb, minilm, tmp_path):
@@ -187,11 +189,24 @@ def test_we_load_what_transformers_saved(bnb, minilm, tmp_path):
     batch = _sentences(ours.tokenizer)
     with torch.no_grad():
         assert torch.equal(ours.model(**batch).last_hidden_state, _portable_path(hf.eval(), bnb)(**batch).last_hidden_state)
-    # and what transformers wrote is, tensor for tensor, what we write for the same weights
-    theirs, original = load_file(str(saved / "model.safetensors")), load_file(str(minilm / "model.safetensors"))
-    key = "encoder.layer.3.intermediate.dense.weight"
-    for suffix, value in bnb_tensors(nf4.quantize_weight(original[key], "nf4", 64, True)).items():
-        assert torch.equal(value, theirs[key[: -len("weight")] + suffix]), suffix
+
+
+def test_our_folder_is_the_one_transformers_saves(bnb, minilm, tmp_path):
+    """transformers loading MiniLM in float16 and quantizing it saves, tensor for tensor, what we write
+    with --dtype float16 (except the pooler, which it quantizes and we keep dense)."""
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    hf = AutoModel.from_pretrained(str(minilm), device_map="cpu", dtype=torch.float16, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    compress.quantize(minilm, tmp_path / "ours", NF4Config(dtype="float16"), progress=False)
+    theirs, ours = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "ours" / "model.safetensors"))
+    theirs = {k: v for k, v in theirs.items() if not k.startswith("pooler.")}
+    ours = {k: v for k, v in ours.items() if not k.startswith("pooler.")}
+    # we copy every tensor of the input; transformers drops the position_ids buffer it does not persist
+    assert set(ours) - set(theirs) == {"embeddings.position_ids"} and set(theirs) <= set(ours) and len(theirs) > 250
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
 
 
 def test_we_load_what_bitsandbytes_saved(bnb, tiny_model, tmp_path):

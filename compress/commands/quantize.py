@@ -85,7 +85,7 @@ def build_nf4_config(args):
         raise CompressError(f"{flag} does not apply to --method nf4; use --blocksize for its block size")
     given = {k: v for k, v in (("quant_type", args.quant_type), ("double_quant", args.double_quant),
                                ("blocksize", args.blocksize), ("compute_dtype", args.compute_dtype)) if v is not None}
-    return NF4Config(**given, skip=args.skip, blocks=args.blocks)
+    return NF4Config(**given, skip=args.skip, blocks=args.blocks, dtype=args.dtype)
 
 
 def build_config(args):

@@ -1,8 +1,10 @@
 """Quantize a model folder to NF4 / FP4 in the bitsandbytes layout: the writer behind ``--method nf4``.
 
 Data-free, so the checkpoint is streamed tensor by tensor: each Linear weight inside the repeated blocks
-is quantized as it is read and written straight into the output shards with its quant_state tensors;
-every other tensor (biases included) is copied unchanged. Memory stays at one tensor plus one shard.
+is cast to the output dtype, quantized as it is read and written straight into the output shards with
+its quant_state tensors; every other tensor (biases included) is stored in the output dtype. That is
+what transformers saves when it loads the model in that dtype and quantizes it. Memory stays at one
+tensor plus one shard.
 
 The output folder loads with ``compress.load`` and with ``transformers.AutoModel*.from_pretrained`` when
 bitsandbytes is installed: config.json carries the bitsandbytes quantization_config, and every Linear
@@ -21,12 +23,9 @@ import torch
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
 from ..config import NF4Config
 from ..models import DEFAULT_MODEL_NAME, default_model_path, linear_types, read_config_dict, resolve_device, resolve_model_path
-from .apply import LayerReport, QuantizeReport, plan_targets
+from .apply import LayerReport, QuantizeReport, cast_floating, output_dtype, plan_targets
 from .bnb_format import bnb_cpu_limits, bnb_quantization_config, bnb_tensors
 from .nf4 import quantize_weight
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 @dataclass
 class NF4QuantizeReport(QuantizeReport):
@@ -98,6 +97,7 @@ def quantize_nf4(
         _, targets, skipped, skeleton, _ = plan_targets(source, config, reader, trust_remote_code)
         keep = full_precision_linears(skeleton, {t.name for t in targets})
         by_key = {t.key: t for t in targets}
+        dtype = output_dtype(config.dtype, reader)
         reports, limited = [], []
         with atomic_output(out_path, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
@@ -106,12 +106,10 @@ def quantize_nf4(
                 check_finite(key, tensor)
                 target = by_key.get(key)
                 if target is None:
-                    writer.add(key, tensor)  # biases too: bitsandbytes keeps them as they are
+                    writer.add(key, cast_floating(tensor, dtype))  # biases too, as bitsandbytes keeps them
                     continue
                 w = tensor.t() if target.conv1d else tensor  # bitsandbytes stores [out, in], as nn.Linear
-                if w.dtype not in _FLOAT_DTYPES:
-                    w = w.float()
-                result = quantize_weight(w.to(dev), config.quant_type, config.blocksize, config.double_quant)
+                result = quantize_weight(w.to(dev, dtype), config.quant_type, config.blocksize, config.double_quant)
                 prefix = key[: -len(".weight")]
                 for suffix, value in bnb_tensors(result).items():
                     writer.add(f"{prefix}.{suffix}", value)
@@ -124,6 +122,9 @@ def quantize_nf4(
                                            config.blocksize, keep)
             model_config = read_config_dict(source)
             model_config["quantization_config"] = qcfg
+            model_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            if "dtype" in model_config:
+                model_config["dtype"] = model_config["torch_dtype"]
             (tmp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
             copy_side_files(source, tmp)
     return NF4QuantizeReport(source, out_path.absolute(), config.method, config.to_dict(), reports, skipped,

@@ -2,8 +2,8 @@
 
 The forward pass calls ``compress_kernels.dispatch.nf4_matmul``, which picks the fastest implementation
 for the device and falls back to the pure-torch reference: decode the block scales (double
-quantization), dequantize to the weight's original dtype, cast to the compute dtype, multiply. That is
-the order of operations of bitsandbytes' own dequantize-then-matmul path, so the two agree exactly.
+quantization), dequantize straight into the compute dtype, multiply. That is the order of operations of
+bitsandbytes' own dequantize-then-matmul path, so the two agree exactly.
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ class NF4Linear(QuantModule):
         compute = self.compute_dtype or x.dtype
         y = dispatch.nf4_matmul(
             x.to(compute), self.packed, self.absmax, self.quant_map, (self.out_features, self.in_features),
-            self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset, self.nested_blocksize,
-            self.weight_dtype, self.bias)
+            self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset, self.nested_blocksize, self.bias)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
