@@ -15,10 +15,12 @@ _EXPORTS = {
     "quantize": ("compress.quant.apply", "quantize"),
     "QuantizeReport": ("compress.quant.apply", "QuantizeReport"),
     "RTNConfig": ("compress.config", "RTNConfig"),
+    "NF4Config": ("compress.config", "NF4Config"),
     "EvalConfig": ("compress.config", "EvalConfig"),
     "evaluate": ("compress.eval.harness", "compare"),
     "compare": ("compress.eval.harness", "compare"),
     "QuantLinear": ("compress.quant.linear", "QuantLinear"),
+    "NF4Linear": ("compress.quant.nf4_linear", "NF4Linear"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -7,13 +7,13 @@ import sys
 from ..cli import add_common, check_eval_args, finish
 from ..errors import CompressError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "nf4")
 
 
 def register(sub) -> None:
-    q = sub.add_parser("quantize", help="quantize weights (GPTQ, round-to-nearest) into the GPTQ checkpoint format",
+    q = sub.add_parser("quantize", help="quantize weights (GPTQ, round-to-nearest: GPTQ checkpoint format; nf4: bitsandbytes 4-bit)",
                        description="Quantize a model's Linear layers and save a folder that compress.load, "
-                                   "transformers and vLLM read.")
+                                   "transformers and vLLM read (nf4: compress.load and transformers with bitsandbytes).")
     add_common(q)
     q.add_argument("--method", default="gptq", help=f"quantization method: {', '.join(METHODS)} (default gptq)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
@@ -43,6 +43,16 @@ def register(sub) -> None:
     g.add_argument("--calib-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     g.add_argument("--offload", action="store_true", help="keep calibration activations on disk instead of in memory")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    nf4 = q.add_argument_group("nf4 (4-bit blockwise, bitsandbytes layout)")
+    nf4.add_argument("--quant-type", choices=("nf4", "fp4"), help="code table: nf4 (default) or fp4")
+    dq = nf4.add_mutually_exclusive_group()
+    dq.add_argument("--double-quant", dest="double_quant", action="store_true", default=None,
+                    help="quantize the block maxima to 8 bits too (default; ~4.127 bits per weight at block size 64)")
+    dq.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                    help="keep float32 block maxima (4.5 bits per weight at block size 64)")
+    nf4.add_argument("--blocksize", type=int, metavar="N", help="weights per block: a power of two from 32 to 4096 (default 64)")
+    nf4.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
+                     help="matmul dtype at inference (default float32)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=run)
 
@@ -64,11 +74,32 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+def build_nf4_config(args):
+    """NF4Config from the nf4 flags; refuses the integer-only flags, which do not apply to it."""
+    from ..config import NF4Config
+
+    if args.bits != 4:
+        raise CompressError(f"--method nf4 stores 4-bit codes; --bits {args.bits} does not apply (drop it)")
+    if args.override or args.group_size != 128 or not args.sym:
+        flag = "--override" if args.override else "--group-size" if args.group_size != 128 else "--asym"
+        raise CompressError(f"{flag} does not apply to --method nf4; use --blocksize for its block size")
+    given = {k: v for k, v in (("quant_type", args.quant_type), ("double_quant", args.double_quant),
+                               ("blocksize", args.blocksize), ("compute_dtype", args.compute_dtype)) if v is not None}
+    return NF4Config(**given, skip=args.skip, blocks=args.blocks, dtype=args.dtype)
+
+
 def build_config(args):
     from ..config import GPTQConfig, RTNConfig
 
     if args.method not in METHODS:
         raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
+    if args.method == "nf4":
+        return build_nf4_config(args)
+    nf4_only = [flag for flag, v in (("--quant-type", args.quant_type), ("--blocksize", args.blocksize),
+                                     ("--compute-dtype", args.compute_dtype),
+                                     ("--double-quant/--no-double-quant", args.double_quant)) if v is not None]
+    if nf4_only:
+        raise CompressError(f"{nf4_only[0]} applies to --method nf4 only")
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
                   overrides=parse_overrides(args.override), blocks=args.blocks, dtype=args.dtype)
     if args.method == "gptq":

@@ -187,8 +187,13 @@ def quantize(
 
         return quantize_gptq(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
                              progress=progress, max_shard_bytes=max_shard_bytes)
+    if config.method == "nf4":  # 4-bit blockwise into the bitsandbytes layout: its own streaming writer
+        from .nf4_apply import quantize_nf4
+
+        return quantize_nf4(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                            progress=progress, max_shard_bytes=max_shard_bytes)
     if not isinstance(config, RTNConfig):
-        raise CompressError(f"method '{config.method}' is not available; use rtn or gptq")
+        raise CompressError(f"method '{config.method}' is not available; use rtn, gptq or nf4")
     source = resolve_model_path(model)
     dev = resolve_device(device)
     out_path = Path(out) if out else default_output(source, config)
