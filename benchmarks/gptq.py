@@ -1,7 +1,8 @@
 """GPTQ against round-to-nearest (and against GPTQModel) on the reference LM and on MiniLM.
 
 For every setting (4-bit g128, 4-bit per-channel, 3-bit g128) each method quantizes in its own process
-(wall time and peak resident set of that process), then the harness evaluates all results side by side
+(wall time and peak resident set of that process; with --repeats N every method runs N times, the
+order of the methods rotating between rounds, and the median wall time is reported), then the harness evaluates all results side by side
 against the full-precision model: held-out perplexity and mean per-token KL for the LM, embedding cosine
 and retrieval agreement for MiniLM, file size, bits per weight.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--peer", help="python of a virtual environment with gptqmodel installed")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method and setting; the median wall time counts")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "compress" / "bench-gptq"))
     parser.add_argument("--json", default="gptq-bench.json")
     args = parser.parse_args()
@@ -79,18 +83,27 @@ def main() -> None:
         write_samples(src, args.nsamples, args.seqlen, samples_file)
         for setting in args.settings.split(","):
             bits, group = SETTINGS[setting]
+            jobs = []
             for method in ("rtn", "gptq"):
                 out = work / f"{name}-{method}-{setting}"
                 cmd = [sys.executable, "-m", "compress", "quantize", "--method", method, "--model", str(src),
                        "--out", str(out), "--bits", str(bits), "--group-size", str(group), "--no-eval", "--overwrite",
                        "--device", "cpu", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-                rows[out.name] = run_measured(cmd, work / f"{out.name}.log")
-                outputs.append(out)
+                jobs.append((out, cmd, None))
             if args.peer and name != "minilm":  # GPTQModel does not quantize BERT encoders
                 out = work / f"{name}-gptqmodel-{setting}"
                 cmd = [args.peer, str(HERE / "gptqmodel_peer.py"), "--model", str(src), "--out", str(out),
                        "--bits", str(bits), "--group-size", str(group), "--samples", str(samples_file)]
-                rows[out.name] = run_measured(cmd, work / f"{out.name}.log", env={"GPTQMODEL_CPU_WORKERS": "2"})
+                jobs.append((out, cmd, {"GPTQMODEL_CPU_WORKERS": "2"}))
+            runs: dict[str, list[dict]] = {out.name: [] for out, _, _ in jobs}
+            for r in range(args.repeats):  # rotate who goes first, so drifting load hits every method alike
+                for out, cmd, env in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
+                    shutil.rmtree(out, ignore_errors=True)
+                    runs[out.name].append(run_measured(cmd, work / f"{out.name}.log", env=env))
+            for out, _, _ in jobs:
+                seconds = sorted(m["seconds"] for m in runs[out.name])
+                rows[out.name] = {"seconds": statistics.median(seconds), "all_seconds": seconds,
+                                  "peak_rss_mb": max(m["peak_rss_mb"] for m in runs[out.name])}
                 outputs.append(out)
             print(f"{name} {setting}: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in rows.items()), flush=True)
         report = compare(outputs, EvalConfig(device="cpu", latency=False, ppl_tokens=16384, kl_tokens=4096))

@@ -17,6 +17,13 @@ weight; the runner owns everything around that:
 Memory therefore holds one block plus the activations, whatever the depth; activations can live on
 disk (``offload_dir``) instead of in memory.
 
+Passes after a submodule is finished replay it instead of recomputing it: once every observed layer
+inside a direct child of the block (an attention module, say) and every observed layer that runs
+before it are solved, neither its weights nor its inputs change again, so its output for each batch
+is recorded on the next pass that computes it and returned as is on later passes (the attention of a
+Llama block then runs three times per batch instead of five). The recorded outputs cost one more set
+of activations, kept wherever the activations are kept.
+
 A method is any object with ``wants(name) -> bool``, ``observer(in_features, device)`` (an object
 with ``add_batch(inputs)``) and ``solve(name, weight [N, K] float32, observer) -> (new_weight,
 payload)``; the payloads come back per layer in each BlockResult.
@@ -94,6 +101,16 @@ def _to_cpu(value):
         return type(value)(_to_cpu(v) for v in value)
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
     return value
 
 
@@ -177,12 +194,30 @@ def _first_tensor(output):
     raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
 
 
+class _Replay:
+    """Stands in for a finished submodule's forward: computes each batch once, then returns the record."""
+
+    def __init__(self, module: nn.Module, runner: "Runner", store: ActivationStore):
+        self.module, self.runner, self.store = module, runner, store
+        self.forward = module.forward
+        self.slots: dict[int, int] = {}  # batch index -> position in the store
+
+    def __call__(self, *args, **kwargs):
+        batch = self.runner._batch
+        if batch in self.slots:  # a copy: the block may change what it gets in place
+            return _copy(_to_device(self.store[self.slots[batch]], self.runner.device))
+        out = self.forward(*args, **kwargs)
+        self.slots[batch] = len(self.store)
+        self.store.append(_copy(out))
+        return out
+
+
 class Runner:
     """Runs a method over every block of a model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, reader, key_of: dict[str, str], *, device: torch.device, dtype: torch.dtype,
                  blocks: str | None = None, batch_size: int = 8, offload_dir: str | Path | None = None,
-                 true_sequential: bool = True):
+                 true_sequential: bool = True, replay: bool = True):
         self.model = model.eval()  # no dropout: calibration must see what inference computes
         self.reader = reader
         self.key_of = key_of
@@ -191,6 +226,8 @@ class Runner:
         self.blocks_name, self.blocks = find_blocks(model, blocks)
         self.batch_size = batch_size
         self.true_sequential = true_sequential
+        self.replay = replay
+        self._batch = -1  # index of the batch in flight, for _Replay
         self._tmp = Path(tempfile.mkdtemp(prefix="compress-acts-", dir=offload_dir)) if offload_dir else None
 
     # ------------------------------------------------------------------ inputs of block 0
@@ -234,7 +271,8 @@ class Runner:
 
     # ------------------------------------------------------------------ blocks
 
-    def _forward(self, block, h, kwargs):
+    def _forward(self, block, h, kwargs, batch: int = -1):
+        self._batch = batch
         kw = dict(_to_device(kwargs, self.device))
         rest = kw.pop("__args__", ())
         return block(h.to(self.device), *rest, **kw)
@@ -254,6 +292,11 @@ class Runner:
             def note(module, args, name=name):
                 calls.append((name, args[0]))
             handles.append(layer.register_forward_pre_hook(note))
+        self._child_calls: list[tuple[str, int]] = []  # (child name, number of layer calls before it)
+        for cname, child in block.named_children():
+            def enter(module, args, cname=cname):
+                self._child_calls.append((cname, len(calls)))
+            handles.append(child.register_forward_pre_hook(enter))
         try:
             with torch.inference_mode():
                 self._forward(block, h0, kw0)
@@ -275,7 +318,30 @@ class Runner:
         if missing:
             raise CompressError(f"layer {missing[0]} is never called by its block's forward pass, so it cannot be calibrated; "
                                 "exclude it with --skip")
+        self._first_call = {}
+        for i, (name, _) in enumerate(calls):
+            self._first_call.setdefault(name, i)
         return [[names for names, _ in stage] for stage in stages]
+
+    def _replayable(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> dict[str, set[str]]:
+        """Direct children that can be replayed once the returned observed layers are all solved.
+
+        A child qualifies when it runs exactly once per pass and contains observed layers: its output
+        is fixed once they and every observed layer running before it are solved.
+        """
+        counts: dict[str, int] = {}
+        for cname, _ in self._child_calls:
+            counts[cname] = counts.get(cname, 0) + 1
+        out = {}
+        for cname, before in self._child_calls:
+            if counts[cname] != 1:
+                continue
+            inside = {n for n in linears if n.startswith(f"{prefix}.{cname}.")}
+            if not inside:
+                continue
+            earlier = {n for n in linears if self._first_call.get(n, len(self._first_call)) < before}
+            out[cname] = inside | earlier
+        return out
 
     def run(self, samples: torch.Tensor, method: Method, progress=None) -> Iterator[BlockResult]:
         """Yield each block after its layers were solved; the caller writes it before the next one."""
@@ -287,12 +353,27 @@ class Runner:
                 materialize(self.model, names, self.reader, self.key_of, self.device, self.dtype)
                 linears = {n: m for n, m in find_linears(block, prefix).items() if method.wants(n)}
                 result = BlockResult(index, prefix, block)
-                if linears:
-                    stages = self.stages(block, linears, hidden[0], self._kwargs(kwargs_list, 0))
-                    result.order = [n for stage in stages for group in stage for n in group]
-                    for stage in stages:
-                        self._solve_stage(block, stage, linears, hidden, kwargs_list, method, result, progress)
-                hidden = self._advance(block, hidden, kwargs_list, index)
+                replays: list[_Replay] = []
+                try:
+                    if linears:
+                        stages = self.stages(block, linears, hidden[0], self._kwargs(kwargs_list, 0))
+                        result.order = [n for stage in stages for group in stage for n in group]
+                        waiting = self._replayable(block, prefix, linears) if self.replay else {}
+                        for k, stage in enumerate(stages):
+                            self._solve_stage(block, stage, linears, hidden, kwargs_list, method, result, progress)
+                            if k == len(stages) - 1:  # only the final pass is left: nothing to replay it for
+                                break
+                            for cname in [c for c, needs in waiting.items() if needs <= result.payloads.keys()]:
+                                del waiting[cname]
+                                child = block.get_submodule(cname)
+                                store = ActivationStore(self._tmp / f"replay-{cname}" if self._tmp else None)
+                                replays.append(_Replay(child, self, store))
+                                child.forward = replays[-1]
+                    hidden = self._advance(block, hidden, kwargs_list, index)
+                finally:
+                    for rp in replays:
+                        del rp.module.forward  # the class's forward again
+                        rp.store.clear()
                 yield result
                 release(block)
                 self.reader.release()
@@ -324,7 +405,7 @@ class Runner:
             with torch.inference_mode():
                 for i in range(len(hidden)):
                     try:
-                        self._forward(block, hidden[i], self._kwargs(kwargs_list, i))
+                        self._forward(block, hidden[i], self._kwargs(kwargs_list, i), i)
                     except StopForward:
                         pass
         finally:
@@ -346,7 +427,7 @@ class Runner:
         nxt = ActivationStore(self._tmp / f"b{index % 2}" if self._tmp else None)
         with torch.inference_mode():
             for i in range(len(hidden)):
-                out = _first_tensor(self._forward(block, hidden[i], self._kwargs(kwargs_list, i)))
+                out = _first_tensor(self._forward(block, hidden[i], self._kwargs(kwargs_list, i), i))
                 if not torch.isfinite(out).all():
                     raise CompressError(
                         f"block {index} produces NaN or Inf on the calibration data; the model's weights or the data are out of range"
