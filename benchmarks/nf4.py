@@ -10,9 +10,8 @@ group's tensors of each one's best time over the repeats; the ratio is bitsandby
 (above 1: ours is faster).
 
 Quality: the harness (compress.compare) on the model quantized with NF4 and FP4 (block size 64, with
-and without double quantization), int4 round-to-nearest g64, and GPTQ 4-bit g128 when this checkout
-has GPTQ. The reference LM rows appear when benchmarks/reference_lm.py is present (it trains and
-caches a small Llama on the built-in corpus).
+and without double quantization), int4 round-to-nearest g64, and GPTQ 4-bit g128 (calibrated on the
+built-in corpus); then the same on the reference LM (benchmarks/reference_lm.py trains and caches it).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import torch
 
 import compress
 from compress import EvalConfig, NF4Config, RTNConfig
+from compress.config import GPTQConfig
 from compress.quant import nf4
 
 HERE = Path(__file__).resolve().parent
@@ -120,41 +120,28 @@ def throughput_markdown(rows: list[dict]) -> str:
 
 
 def quality_configs() -> list[tuple[str, object]]:
-    """(folder name, config) of every method in the table; GPTQ only when this checkout has it."""
-    configs = [("nf4-b64-dq", NF4Config()), ("nf4-b64", NF4Config(double_quant=False)),
-               ("fp4-b64-dq", NF4Config(quant_type="fp4")), ("fp4-b64", NF4Config(quant_type="fp4", double_quant=False)),
-               ("rtn-w4g64", RTNConfig(bits=4, group_size=64))]
-    try:
-        from compress.config import GPTQConfig
-    except ImportError:
-        print("GPTQ rows skipped: compress.config has no GPTQConfig in this checkout", file=sys.stderr)
-    else:
-        configs.append(("gptq-w4g128", GPTQConfig(bits=4, group_size=128)))
-    return configs
+    """(folder name, config) of every method in the table."""
+    return [("nf4-b64-dq", NF4Config()), ("nf4-b64", NF4Config(double_quant=False)),
+            ("fp4-b64-dq", NF4Config(quant_type="fp4")), ("fp4-b64", NF4Config(quant_type="fp4", double_quant=False)),
+            ("rtn-w4g64", RTNConfig(bits=4, group_size=64)), ("gptq-w4g128", GPTQConfig(bits=4, group_size=128))]
 
 
-def reference_lm() -> Path | None:
-    """benchmarks/reference_lm.py's model folder (trained once, then cached), or None without that script."""
+def reference_lm() -> Path:
+    """benchmarks/reference_lm.py's model folder (trained once, then cached)."""
     sys.path.insert(0, str(HERE))
     try:
         from reference_lm import ensure_reference_lm
-    except ImportError:
-        print("reference LM rows skipped: benchmarks/reference_lm.py is not in this checkout", file=sys.stderr)
-        return None
     finally:
         sys.path.remove(str(HERE))
     return Path(ensure_reference_lm())
 
 
 def quality(work: Path, eval_config: EvalConfig, lm: Path | None = None) -> list[dict]:
-    """One harness table per model: MiniLM, then ``lm`` (default: the reference LM, when available)."""
+    """One harness table per model: MiniLM, then ``lm`` (default: the reference LM)."""
     from compress.models import default_model_path
 
     models = [("all-MiniLM-L6-v2", default_model_path())]
-    if lm is not None:
-        models.append((lm.name, lm))
-    elif (ref := reference_lm()) is not None:
-        models.append(("reference LM", ref))
+    models.append((lm.name, lm) if lm is not None else ("reference LM", reference_lm()))
     tables = []
     for title, source in models:
         outs = []

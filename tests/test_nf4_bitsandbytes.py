@@ -130,7 +130,7 @@ def test_state_dict_is_the_one_linear4bit_saves(bnb, double_quant):
     assert set(ours) == set(theirs)
     for key, value in theirs.items():
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
-    qs = f"weight.quant_state.bitsandbytes__nf4"
+    qs = "weight.quant_state.bitsandbytes__nf4"
     assert bytes(ours[qs].tolist()) == bytes(theirs[qs].tolist()), "the quant_state JSON, byte for byte"
 
 

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
 from ..config import NF4Config
