@@ -9,5 +9,29 @@
   the entry point pruning and quantization-aware training reuse.
 - pipeline.py: folder in, folder out (``distill_model``, ``finetune_model``), behind the CLI.
 
-Importing this package is cheap; the submodules import transformers.
+The names below resolve lazily, so importing this package does not import transformers::
+
+    from compress.distill import distill, derive_student, classification_data
 """
+
+from __future__ import annotations
+
+_EXPORTS = {
+    "distill": "trainer", "DistillTrainer": "trainer", "DistillResult": "trainer", "save_student": "trainer",
+    "load_student_state": "trainer", "DistillationModel": "objective", "derive_student": "students",
+    "DerivedStudent": "students", "evenly_spaced": "students", "check_vocabularies": "students",
+    "TaskData": "data", "classification_data": "data", "lm_data": "data", "embedding_data": "data",
+    "distill_model": "pipeline", "finetune_model": "pipeline", "TrainReport": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
