@@ -19,6 +19,11 @@ _EXPORTS = {
     "evaluate": ("compress.eval.harness", "compare"),
     "compare": ("compress.eval.harness", "compare"),
     "QuantLinear": ("compress.quant.linear", "QuantLinear"),
+    "DistillConfig": ("compress.config", "DistillConfig"),
+    "FinetuneConfig": ("compress.config", "FinetuneConfig"),
+    "StudentConfig": ("compress.config", "StudentConfig"),
+    "distill_model": ("compress.distill.pipeline", "distill_model"),
+    "finetune_model": ("compress.distill.pipeline", "finetune_model"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -251,7 +251,7 @@ class DistillResult:
 
 
 def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *, device: torch.device,
-                       has_eval: bool, classify: bool, progress: bool) -> TrainingArguments:
+                       has_eval: bool, classify: bool, progress: bool, unused_parameters: bool = False) -> TrainingArguments:
     """The TrainingArguments a config describes (launch-time settings such as DDP come from accelerate)."""
     if config.precision == "fp16" and device.type != "cuda":
         raise CompressError("fp16 mixed precision needs a CUDA GPU; use --precision bf16 or fp32 on the CPU")
@@ -283,6 +283,9 @@ def training_arguments(config: TrainingConfig, output_dir: str | os.PathLike, *,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if classify else "random",
+        # DDP must look for parameters without gradients only when there are some (an encoder's pooler
+        # in the embed task); the search costs a graph traversal per step
+        ddp_find_unused_parameters=unused_parameters,
     )
 
 
@@ -390,7 +393,8 @@ def distill(teacher: nn.Module | LoadedModel | None, student: nn.Module | Derive
         model = DistillationModel(student, config, widths, layer_map, student_pooling or teacher_pooling,
                                   (token_map.student_ids, token_map.teacher_ids) if token_map is not None else None)
         args = training_arguments(config, output_dir, device=dev, has_eval=data.eval is not None,
-                                  classify=data.task == "classify", progress=progress)
+                                  classify=data.task == "classify", progress=progress,
+                                  unused_parameters=data.task == "embed")
         trainer = DistillTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                  data_collator=data.collator, processing_class=tokenizer,
                                  compute_metrics=_accuracy if data.task == "classify" else None,
