@@ -120,6 +120,9 @@ def _publish(result, ckdir: Path, out: Path, overwrite: bool, side_files_from: P
     result.save(staging)
     if not result.trainer.args.should_save:
         return
+    if not any(staging.glob("*.safetensors")) and not any(staging.glob("*.bin")):
+        raise CompressError("the trained student could not be gathered for saving; under DeepSpeed ZeRO-3 launch with "
+                            "--zero3_save_16bit_model true")
     with atomic_output(out, overwrite=overwrite) as tmp:
         for item in staging.iterdir():
             shutil.move(str(item), tmp / item.name)

@@ -126,10 +126,13 @@ class DistillTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         wrapper = self.accelerator.unwrap_model(self.model)
+        if state_dict is not None and not state_dict:
+            # DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save hands over nothing to save
+            return
         if state_dict is None:
             state_dict = wrapper.state_dict()
         student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
-        if state_dict and not student_state:  # a state dict of the bare student
+        if not student_state:  # a state dict of the bare student
             student_state = state_dict
         save_student(wrapper.student, output_dir, student_state)
         if self.processing_class is not None:
@@ -242,7 +245,14 @@ class DistillResult:
     layer_map: list[list[int]] = field(default_factory=list)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Save the student (and tokenizer) with the trainer; call it on every process of a distributed run."""
+        """Save the student (and tokenizer) with the trainer; call it on every process of a distributed run.
+
+        Under FSDP the student is gathered into one full state dict first (whatever state-dict type the
+        checkpoints use), so the folder is an ordinary model folder.
+        """
+        plugin = getattr(self.trainer.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            plugin.set_state_dict_type("FULL_STATE_DICT")
         self.trainer.save_model(str(folder))
         if self.trainer.args.should_save:
             args_file = Path(folder) / "training_args.bin"
