@@ -11,8 +11,12 @@ a quarter of the area's examples. Each area then keeps at most TRAIN_PER_CLASS t
 TEST_PER_CLASS held-out examples, chosen by a hash of their text. Everything is a function of the corpus
 alone, so the same corpus always gives the same files.
 
+The training-side docstrings that the caps leave out (at most UNLABELED_PER_CLASS per area, never one
+from a held-out file) form unlabeled.csv: text without labels, a transfer set on which a teacher's
+predictions can be distilled (the hard-label baseline cannot use it).
+
 Files (``cache_dir()/demo-task-<corpus key>-v<version>/``): train.csv and test.csv with the columns
-``text`` and ``label``.
+``text`` and ``label``, unlabeled.csv with the column ``text``.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from pathlib import Path
 
 from .corpus import cache_dir, corpus_key, ensure_corpus
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 HELDOUT_FRACTION = 0.25
 TRAIN_PER_CLASS = 300
 TEST_PER_CLASS = 100
+UNLABELED_PER_CLASS = 300
 MIN_WORDS = 6
 MAX_WORDS = 96  # longer docstrings keep their beginning: about 128 BERT tokens, so examples fit one training window
 
@@ -64,7 +69,8 @@ def area_of(source: str) -> str | None:
 
 
 def build_examples(records: list[dict]) -> dict[str, list[dict]]:
-    """{"train": [...], "test": [...]} of {"text", "label"} from corpus records ({"text", "source"})."""
+    """{"train": [...], "test": [...], "unlabeled": [...]} of {"text", "label"} from corpus records
+    ({"text", "source"}); unlabeled examples keep their label here for checks, the file drops it."""
     by_area: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         label = area_of(rec["source"])
@@ -73,7 +79,7 @@ def build_examples(records: list[dict]) -> dict[str, list[dict]]:
             continue
         text = " ".join(words[:MAX_WORDS])
         by_area[label][rec["source"]].append(text)
-    out: dict[str, list[dict]] = {"train": [], "test": []}
+    out: dict[str, list[dict]] = {"train": [], "test": [], "unlabeled": []}
     for label in AREAS:
         files = by_area.get(label, {})
         total = sum(len(v) for v in files.values())
@@ -82,8 +88,9 @@ def build_examples(records: list[dict]) -> dict[str, list[dict]]:
             (test if len(test) < HELDOUT_FRACTION * total else train).extend(files[source])
         seen_test = set(test)
         train = [t for t in train if t not in seen_test]  # cut to MAX_WORDS, two docstrings can coincide
-        for split, texts, cap in (("train", train, TRAIN_PER_CLASS), ("test", test, TEST_PER_CLASS)):
-            chosen = sorted(set(texts), key=_hash)[:cap]
+        ranked = sorted(set(train), key=_hash)
+        for split, chosen in (("train", ranked[:TRAIN_PER_CLASS]), ("test", sorted(set(test), key=_hash)[:TEST_PER_CLASS]),
+                              ("unlabeled", ranked[TRAIN_PER_CLASS:TRAIN_PER_CLASS + UNLABELED_PER_CLASS])):
             out[split] += [{"text": t, "label": label} for t in chosen]
     for split in out:  # interleave the classes in a fixed order that does not depend on the label order
         out[split].sort(key=lambda ex: _hash(ex["label"] + "|" + ex["text"]))
@@ -95,9 +102,9 @@ def task_dir() -> Path:
 
 
 def ensure_demo_task() -> dict[str, Path]:
-    """Paths of the demo task's train.csv and test.csv, building them first if needed (seconds, once)."""
+    """Paths of the demo task's train.csv, test.csv and unlabeled.csv, built first if needed (seconds, once)."""
     folder = task_dir()
-    paths = {"train": folder / "train.csv", "test": folder / "test.csv"}
+    paths = {"train": folder / "train.csv", "test": folder / "test.csv", "unlabeled": folder / "unlabeled.csv"}
     if all(p.is_file() for p in paths.values()):
         return paths
     with open(ensure_corpus(), encoding="utf-8") as f:
@@ -107,7 +114,8 @@ def ensure_demo_task() -> dict[str, Path]:
     for split, path in paths.items():
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            fields = ["text"] if split == "unlabeled" else ["text", "label"]
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(examples[split])
         os.replace(tmp, path)
@@ -121,7 +129,7 @@ def main() -> None:  # pragma: no cover - convenience entry: python -m compress.
             rows = list(csv.DictReader(f))
         counts = defaultdict(int)
         for row in rows:
-            counts[row["label"]] += 1
+            counts[row.get("label", "unlabeled")] += 1
         print(f"{path}: {len(rows)} examples; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 

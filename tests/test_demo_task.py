@@ -23,6 +23,9 @@ def test_demo_task_files_are_balanced_and_disjoint():
     assert min(Counter(r["label"] for r in test).values()) >= 50
     assert not {r["text"] for r in train} & {r["text"] for r in test}
     assert all(len(r["text"].split()) <= demo_task.MAX_WORDS for r in train + test)
+    unlabeled = _read(paths["unlabeled"])
+    assert len(unlabeled) > 1000 and set(unlabeled[0]) == {"text"}
+    assert not {r["text"] for r in unlabeled} & ({r["text"] for r in train} | {r["text"] for r in test})
 
 
 def _records(seed):
@@ -45,6 +48,8 @@ def test_split_is_by_file_and_independent_of_record_order():
     file_of = lambda text: text.split(" of file ")[1]  # noqa: E731
     assert not {file_of(e["text"]) for e in first["train"]} & {file_of(e["text"]) for e in first["test"]}
     assert {e["label"] for e in first["train"]} == {"internet", "neural-nets"}
+    # the transfer set comes from training-side files only
+    assert not {file_of(e["text"]) for e in first["unlabeled"]} & {file_of(e["text"]) for e in first["test"]}
     for label in ("internet", "neural-nets"):
         total = sum(1 for split in first.values() for e in split if e["label"] == label)
         held = sum(1 for e in first["test"] if e["label"] == label)

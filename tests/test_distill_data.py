@@ -84,3 +84,13 @@ def test_embedding_paragraphs(tmp_path, bert):
     (tmp_path / "one.txt").write_text(tiny._TEXT[0])
     with pytest.raises(CompressError, match="fewer than 2 paragraphs"):
         embedding_data(bert.tokenizer, str(tmp_path / "one.txt"), 12)
+
+
+def test_transfer_texts_are_unlabeled_examples(tmp_path, bert):
+    (tmp_path / "train.csv").write_text("text,label\nthe quick fox,neg\nthe model folder,pos\n")
+    (tmp_path / "more.txt").write_text("weights and scales\n\ninteger codes in a folder\n\nthe lazy dog")
+    data = classification_data(bert.tokenizer, str(tmp_path / "train.csv"), {"neg": 0, "pos": 1}, 2, 16,
+                               transfer=str(tmp_path / "more.txt"))
+    assert [ex["labels"] for ex in data.train.examples] == [0, 1, -100, -100, -100]
+    assert data.counts == {"neg": 1, "pos": 1, "(unlabeled)": 3}
+    assert data.collator(data.train.examples)["labels"].tolist() == [0, 1, -100, -100, -100]

@@ -195,3 +195,29 @@ def test_layer_map_out_of_range_is_refused(teacher_dir, labeled, tmp_path):
     with pytest.raises(CompressError, match=r"layer map pair \[5, 1\] is out of range"):
         distill(teacher, derive_student(teacher.model, StudentConfig(layers=1)), _data(teacher, labeled), cfg,
                 output_dir=tmp_path / "ck", device="cpu", progress=False)
+
+
+def test_objective_is_the_documented_sum(teacher_dir, labeled):
+    """alpha * soft + (1 - alpha) * hard + hidden_weight * hidden, with unlabeled rows in the soft term only."""
+    from compress.distill import losses
+    from compress.distill.objective import DistillationModel, Widths
+
+    teacher = load(teacher_dir)
+    data = _data(teacher, labeled)
+    batch = data.collator([data.train[i] for i in range(4)])
+    batch["labels"][1] = -100  # an unlabeled (transfer) example
+    student = derive_student(teacher.model, StudentConfig(layers=1)).model.eval()
+    cfg = _cfg(alpha=0.3, temperature=3.0, hidden_weight=0.5)
+    widths = Widths([64, 64], [64, 64, 64], 3, 3)
+    model = DistillationModel(student, cfg, widths, layer_map=[[0, 0], [1, 2]])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        t_out = teacher.model(**inputs, output_hidden_states=True)
+        out = model(**batch, teacher={"logits": t_out.logits, "hidden_states": t_out.hidden_states})
+        s_out = student(**inputs, output_hidden_states=True)
+    soft = losses.soft_target_loss(s_out.logits, t_out.logits, 3.0)
+    kept = batch["labels"] != -100
+    hard = torch.nn.functional.cross_entropy(s_out.logits[kept], batch["labels"][kept])
+    hidden = losses.hidden_state_loss(s_out.hidden_states, t_out.hidden_states, [[0, 0], [1, 2]], inputs["attention_mask"])
+    assert torch.allclose(out["loss"], 0.3 * soft + 0.7 * hard + 0.5 * hidden, atol=1e-5)
+    assert set(model.last_parts) == {"soft", "hard", "hidden"}

@@ -15,8 +15,8 @@ def _weight(text: str) -> float:
     return float(text)
 
 
-def add_training_flags(p, *, epochs_default: float, lr_default: float) -> None:
-    """The schedule, batch, checkpoint and resume flags shared by distill and finetune."""
+def add_training_flags(p, *, epochs_default: float, lr_default: float):
+    """The schedule, batch, checkpoint and resume flags shared by distill and finetune; returns the data group."""
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=epochs_default, metavar="N",
@@ -40,6 +40,7 @@ def add_training_flags(p, *, epochs_default: float, lr_default: float) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="SRC", help="training data: a labeled .csv/.jsonl, demo, builtin, a text file, or hf:NAME")
+    return d
 
 
 def training_fields(args) -> dict:
@@ -77,7 +78,10 @@ def register(sub) -> None:
     loss.add_argument("--embed-loss", default="mse", choices=("mse", "cosine"), help="embed task: regression loss on embeddings")
     loss.add_argument("--similarity-temperature", type=float, default=0.05, help="embed task: temperature of in-batch similarities")
     loss.add_argument("--mlm-probability", type=float, default=0.15, help="mlm task: fraction of tokens masked (default 0.15)")
-    add_training_flags(p, epochs_default=3.0, lr_default=5e-5)
+    data = add_training_flags(p, epochs_default=3.0, lr_default=5e-5)
+    data.add_argument(
+        "--transfer-data", metavar="SRC",
+        help="classify: unlabeled text learned from the teacher's predictions alone (demo: the demo task's unlabeled set)")
     p.set_defaults(func=run)
 
 
@@ -134,7 +138,8 @@ def run(args) -> None:
         data = "builtin"
     report = distill_model(args.model, args.out, config, data=data, student_path=args.student,
                            student=student, labeled=args.labeled, text_field=args.text_field,
-                           label_field=args.label_field, checkpoints=args.checkpoints, resume=args.resume,
+                           label_field=args.label_field, transfer=args.transfer_data, checkpoints=args.checkpoints,
+                           resume=args.resume,
                            keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, device=args.device,
                            trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
     if not report.main_process:

@@ -26,6 +26,7 @@ import torch
 
 from ..data import load_labeled, load_texts, paragraphs, token_stream, windows
 from ..errors import CompressError
+from .losses import IGNORE_INDEX
 
 EVAL_LIMIT = 512  # held-out examples evaluated during training (mlm / causal / embed)
 
@@ -159,10 +160,21 @@ def _named(label2id: dict[str, int]) -> bool:
     return bool(label2id) and not all(k.startswith("LABEL_") for k in label2id)
 
 
+def read_transfer(source: str, text_field: str = "text") -> list[str]:
+    """Unlabeled texts of a transfer set: ``demo`` (the demo task's unlabeled.csv) or any text source."""
+    if source == "demo":
+        return load_texts(str(demo_files()["unlabeled"]), "train", "text")
+    return load_texts(source, "train", text_field)
+
+
 def classification_data(tokenizer, source: str, label2id: dict[str, int], num_labels: int, max_length: int,
                         eval_source: str | None = None, text_field: str = "text", label_field: str = "label",
-                        max_samples: int | None = None) -> TaskData:
-    """Tokenized labeled examples; the held-out split is the source's own (demo, hf) or ``eval_source``."""
+                        max_samples: int | None = None, transfer: str | None = None) -> TaskData:
+    """Tokenized labeled examples; the held-out split is the source's own (demo, hf) or ``eval_source``.
+
+    ``transfer`` adds unlabeled texts (label -100): only the soft term learns from them, from the
+    teacher's predictions, the way task-specific distillation uses a transfer set.
+    """
     train = read_labeled(source, "train", text_field, label_field)
     check_classes(train[1], source)
     held = None
@@ -183,9 +195,15 @@ def classification_data(tokenizer, source: str, label2id: dict[str, int], num_la
     if held is not None:
         eval_ds = _encode_labeled(tokenizer, held[0], label_ids(held[1], label2id, num_labels, eval_source or source), max_length)
     id2name = {v: k for k, v in label2id.items()}
+    counts = dict(Counter(labels))
+    if transfer is not None:
+        extra = read_transfer(transfer, text_field)
+        texts, train_ids = texts + extra, train_ids + [IGNORE_INDEX] * len(extra)
+        counts["(unlabeled)"] = len(extra)
     return TaskData(task="classify", train=_encode_labeled(tokenizer, texts, train_ids, max_length), eval=eval_ds,
                     collator=ClassifyCollator(tokenizer), labels=[id2name.get(i, str(i)) for i in range(num_labels)],
-                    eval_file=eval_file, source=source, counts=dict(Counter(labels)))
+                    eval_file=eval_file, source=source + (f" + {transfer} (unlabeled)" if transfer else ""),
+                    counts=counts)
 
 
 def _encode_labeled(tokenizer, texts: list[str], ids: list[int], max_length: int) -> ExampleDataset:

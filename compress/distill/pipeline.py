@@ -133,10 +133,11 @@ def _publish(result, ckdir: Path, out: Path, overwrite: bool, side_files_from: P
 
 
 def _task_data(task: str, tokenizer, config, source: str, label2id=None, num_labels=None, labeled=None,
-               text_field="text", label_field="label") -> TaskData:
+               text_field="text", label_field="label", transfer=None) -> TaskData:
     if task == "classify":
         return classification_data(tokenizer, source, label2id, num_labels, config.max_length, eval_source=labeled,
-                                   text_field=text_field, label_field=label_field, max_samples=config.max_samples)
+                                   text_field=text_field, label_field=label_field, max_samples=config.max_samples,
+                                   transfer=transfer)
     if task in ("mlm", "causal"):
         return lm_data(task, tokenizer, source, config.max_length, getattr(config, "mlm_probability", 0.15),
                        text_field, config.max_samples)
@@ -145,9 +146,9 @@ def _task_data(task: str, tokenizer, config, source: str, label2id=None, num_lab
 
 def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "builtin", student_path=None,
                   student: StudentConfig | None = None, labeled: str | None = None, text_field: str = "text",
-                  label_field: str = "label", checkpoints=None, resume: bool = False, keep_checkpoints: bool = False,
-                  overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False,
-                  progress: bool = True) -> TrainReport:
+                  label_field: str = "label", transfer: str | None = None, checkpoints=None, resume: bool = False,
+                  keep_checkpoints: bool = False, overwrite: bool = False, device: str = "auto",
+                  trust_remote_code: bool = False, progress: bool = True) -> TrainReport:
     """Distill the teacher folder into a student and write it to ``out``.
 
     Args:
@@ -159,6 +160,8 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
         student_path: a student folder of the same kind; otherwise the student is derived from the
             teacher by ``student`` (default: half of the teacher's layers).
         labeled: a held-out labeled file (classify; the demo task brings its own).
+        transfer: unlabeled text the student learns from through the teacher's predictions alone
+            (classify; ``demo`` is the demo task's unlabeled.csv).
         checkpoints: the checkpoint folder (default ``<out>.checkpoints``).
         resume: continue from the newest checkpoint there.
     """
@@ -167,6 +170,10 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
 
     start = time.perf_counter()
     _library_bars(progress)
+    if transfer is not None and config.task != "classify":
+        raise CompressError("--transfer-data is for --task classify; the other tasks train on unlabeled text already")
+    if transfer is not None and config.alpha == 0:
+        raise CompressError("--transfer-data needs the teacher's predictions: use an --alpha above 0")
     out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume)
     teacher_dir = resolve_model_path(teacher_path)
     kind = detect_kind(teacher_dir, read_config_dict(teacher_dir))
@@ -179,6 +186,10 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
         raise CompressError("give either --student PATH or the options that derive a student (--student-layers ...), not both")
     if config.task == "classify":
         _precheck_labeled(data, labeled, text_field, label_field)
+        if transfer is not None:
+            from .data import read_transfer
+
+            read_transfer(transfer, text_field)
     student_dir = None
     if student_path is not None:
         student_dir = resolve_model_path(student_path)
@@ -210,13 +221,15 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
         origin = {"student_layers": student_model.kept, "student": dataclasses.asdict(spec)}
     label2id = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()} if kind == "classifier" else None
     task_data = _task_data(config.task, tokenizer, config, data, label2id,
-                           teacher.config.num_labels if kind == "classifier" else None, labeled, text_field, label_field)
+                           teacher.config.num_labels if kind == "classifier" else None, labeled, text_field, label_field,
+                           transfer)
     if kind == "embedding" and student_dir is None and pooling is None:
         pooling = teacher.pooling
     result = distill(teacher, student_model, task_data, config, output_dir=ckdir, tokenizer=tokenizer,
                      teacher_pooling=teacher.pooling, student_pooling=pooling, token_map=token_map, resume=resume or None,
                      device=device, progress=progress)
-    info = {"compress_version": __version__, "teacher": str(teacher_dir), "data": data, "task": config.task,
+    info = {"compress_version": __version__, "teacher": str(teacher_dir), "data": data, "transfer_data": transfer,
+            "task": config.task,
             "config": config.to_dict(), "layer_map": result.layer_map, "metrics": result.metrics, **origin}
     _publish(result, ckdir, out, overwrite, side_from, info, "distill_config.json")
     main = result.trainer.args.should_save
