@@ -44,19 +44,23 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/bench", help="folder for the models and results")
-    parser.add_argument("--epochs", default="4", help="epochs for the teacher and both students (default 4)")
+    parser.add_argument("--teacher-epochs", default="8", help="epochs fine-tuning the teacher (default 8)")
+    parser.add_argument("--epochs", default="4", help="epochs for both students (default 4)")
     parser.add_argument("--student-layers", default="3")
     parser.add_argument("--kd-name", default="student-kd", help="folder name of the KD student (to compare settings)")
     parser.add_argument("--only-eval", action="store_true", help="skip training; measure the existing folders")
+    parser.add_argument("--repeats", default="10", help="timed forward passes per model (median; default 10)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, kd, hard = out / "teacher", out / args.kd_name, out / "student-hard"
-    common = ["--data", "demo", "--max-length", "128", "--batch-size", "32", "--epochs", args.epochs, "--no-eval"]
+    common = ["--data", "demo", "--max-length", "128", "--batch-size", "32", "--no-eval"]
     if not args.only_eval:
         if not teacher.exists():
-            compress("finetune", "--model", "default", "--lr", "1e-4", "--out", str(teacher), *common)
+            compress("finetune", "--model", "default", "--lr", "1e-4", "--epochs", args.teacher_epochs,
+                     "--out", str(teacher), *common)
+        common += ["--epochs", args.epochs]
         if not kd.exists():
             compress("distill", "--teacher", str(teacher), "--student-layers", args.student_layers,
                      "--out", str(kd), *common, *extra)
@@ -67,7 +71,7 @@ def main() -> None:
     from compress.calib_data.demo_task import ensure_demo_task
 
     compress("eval", "--model", str(teacher), "--model", str(kd), "--model", str(hard),
-             "--labeled", str(ensure_demo_task()["test"]), "--json", str(results))
+             "--labeled", str(ensure_demo_task()["test"]), "--repeats", args.repeats, "--json", str(results))
     rows = {Path(r["path"]).name: r for r in json.loads(results.read_text())["results"]}
     t, k, h = rows[teacher.name], rows[kd.name], rows[hard.name]
     acc = lambda r: r["metrics"]["accuracy"]  # noqa: E731

@@ -50,7 +50,7 @@ class TrainReport:
 
     def summary(self) -> str:
         m = self.metrics
-        parts = [f"{m['train_loss']:.4f} final mean loss" if "train_loss" in m else None,
+        parts = [f"mean training loss {m['train_loss']:.4f}" if "train_loss" in m else None,
                  f"held-out accuracy {m['eval_accuracy']:.4f}" if "eval_accuracy" in m else None]
         extra = "; ".join(p for p in parts if p)
         return (f"trained {self.student} on {self.examples} {self.task} examples in {self.seconds:.0f} s"
