@@ -15,6 +15,7 @@ _EXPORTS = {
     "quantize": ("compress.quant.apply", "quantize"),
     "QuantizeReport": ("compress.quant.apply", "QuantizeReport"),
     "RTNConfig": ("compress.config", "RTNConfig"),
+    "NF4Config": ("compress.config", "NF4Config"),
     "EvalConfig": ("compress.config", "EvalConfig"),
     "evaluate": ("compress.eval.harness", "compare"),
     "compare": ("compress.eval.harness", "compare"),
@@ -24,6 +25,7 @@ _EXPORTS = {
     "StudentConfig": ("compress.config", "StudentConfig"),
     "distill_model": ("compress.distill.pipeline", "distill_model"),
     "finetune_model": ("compress.distill.pipeline", "finetune_model"),
+    "NF4Linear": ("compress.quant.nf4_linear", "NF4Linear"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

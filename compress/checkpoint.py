@@ -46,8 +46,11 @@ class CheckpointReader:
     ``info(name)`` gives (dtype, shape) without loading it.
     """
 
+    RELEASE_EVERY = 256 * 1024**2  # bytes handed out before the files are unmapped again
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._since_release = 0
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._bin: dict[str, torch.Tensor] | None = None
@@ -102,6 +105,25 @@ class CheckpointReader:
         self._handles.clear()
         self._bin = None
 
+    def release(self) -> None:
+        """Unmap the safetensors files; they are reopened on the next access.
+
+        Tensors come back as views of memory-mapped files, and every page read stays resident (and
+        counted in the process's memory) while the file is mapped. ``get`` calls this every
+        RELEASE_EVERY bytes and streaming readers after each block, so memory does not grow with the
+        amount read. Tensors already handed out keep their own pages alive until they are freed.
+        """
+        self._handles.clear()
+        self._since_release = 0
+
+    def _handle(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[path] = safe_open(str(path), framework="pt")
+        return handle
+
     def keys(self) -> list[str]:
         return list(self._where)
 
@@ -116,7 +138,11 @@ class CheckpointReader:
         if self._bin is not None:
             return self._bin[key]
         try:
-            return self._handles[self._where[key]].get_tensor(key)
+            tensor = self._handle(self._where[key]).get_tensor(key)
+            self._since_release += tensor.numel() * tensor.element_size()
+            if self._since_release > self.RELEASE_EVERY:
+                self.release()
+            return tensor
         except KeyError:
             raise CompressError(f"the checkpoint has no tensor {key}") from None
         except Exception as e:
@@ -127,12 +153,18 @@ class CheckpointReader:
         if self._bin is not None:
             t = self._bin[key]
             return t.dtype, tuple(t.shape)
-        sl = self._handles[self._where[key]].get_slice(key)
+        sl = self._handle(self._where[key]).get_slice(key)
         return _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape())
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for key in self._where:
             yield key, self.get(key)
+
+
+def check_finite(key: str, tensor: torch.Tensor) -> None:
+    """CompressError when a floating-point tensor holds NaN or Inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CompressError(f"tensor {key} contains NaN or Inf values; the model is damaged and cannot be quantized")
 
 
 def safetensors_header(path: Path) -> dict:
@@ -144,46 +176,68 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
-class ShardWriter:
-    """Write tensors into safetensors shards of at most ``max_shard_bytes`` each.
+_DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
-    Tensors are added one at a time and flushed when a shard is full, so memory holds at most one
-    shard. ``close()`` names the shards model-0000i-of-0000n.safetensors (or model.safetensors when
-    there is one) and writes model.safetensors.index.json for more than one.
+
+class ShardWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` each, one tensor at a time.
+
+    Each tensor's bytes go straight to a data file on disk; when a shard is complete its header (names,
+    dtypes, shapes, offsets, as the safetensors format defines it) is written and the data appended, so
+    memory holds one tensor whatever the model's size. ``close()`` names the shards
+    model-0000i-of-0000n.safetensors (or model.safetensors when there is one) and writes
+    model.safetensors.index.json for more than one.
     """
 
     def __init__(self, folder: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self.metadata = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+        self._entries: dict[str, dict] = {}  # tensors of the open shard
+        self._data = None  # the open shard's data file
+        self._offset = 0
         self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._shards):
+        if name in self._names:
             raise CompressError(f"tensor {name} was written twice")
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype not in _DTYPE_CODES:
+            raise CompressError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
+        if self._entries and self._offset + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+        if self._data is None:
+            self._data = open(self.folder / f"shard-{len(self._shards):05d}.data.tmp", "wb")
+        if nbytes:
+            self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._entries[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+        self._names.add(name)
         self.total_bytes += nbytes
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+    def _finish_shard(self) -> None:
+        if self._data is None:
             return
+        data_path = Path(self._data.name)
+        self._data.close()
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
         path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata=self.metadata)
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        with open(path, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, length=16 * 1024 * 1024)
+        data_path.unlink()
+        self._shards.append((path, list(self._entries)))
+        self._entries, self._data, self._offset = {}, None, 0
 
     def close(self) -> list[Path]:
-        """Flush, rename the shards to their final names, write the index; returns the shard paths."""
-        self._flush()
+        """Finish the last shard, rename the shards to their final names, write the index."""
+        self._finish_shard()
         if not self._shards:
             raise CompressError("no tensors were written")
         n = len(self._shards)

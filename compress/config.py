@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import CompressError
+from .quant.nf4 import QUANT_TYPES, check_blocksize
 from .quant.primitives import QuantSpec
 
 
@@ -60,6 +61,9 @@ class WeightQuantConfig(JSONConfig):
         overrides: regular expression -> {"bits": b, "group_size": g} for layers that need other
             settings (for example 8 bits for ``down_proj``). The first matching pattern wins.
         blocks: dotted name of the repeated block list, when structure discovery picks the wrong one.
+        dtype: dtype of the tensors left unquantized (embeddings, norms, heads): 'auto' (float16,
+            or bfloat16 when the checkpoint is bfloat16: what GPTQ kernels compute in), 'float16',
+            'bfloat16' or 'float32'.
     """
 
     method: ClassVar[str] = "weight"
@@ -70,9 +74,12 @@ class WeightQuantConfig(JSONConfig):
     skip: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
     blocks: str | None = None
+    dtype: str = "auto"
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
         _check_regexes(self.skip, "--skip")
         _check_regexes(self.overrides, "--override")
         for pattern, values in self.overrides.items():
@@ -100,6 +107,122 @@ class RTNConfig(WeightQuantConfig):
     """Round-to-nearest: data-free weight quantization, the baseline every other method must beat."""
 
     method: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class NF4Spec:
+    """How one layer is quantized to 4-bit blockwise codes (what NF4Config.spec_for returns)."""
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+
+
+@dataclass
+class NF4Config(JSONConfig):
+    """4-bit blockwise quantization (NF4 or FP4) in the bitsandbytes layout that transformers loads.
+
+    Data-free, like round-to-nearest: no calibration, the checkpoint is streamed tensor by tensor. The
+    codes are bit-exact with bitsandbytes 0.50 on the CPU.
+
+    Args:
+        quant_type: 'nf4' (normal-float table, the QLoRA default) or 'fp4' (bitsandbytes' 4-bit float table).
+        double_quant: also quantize the block maxima to 8 bits (about 4.127 instead of 4.5 bits per
+            weight at block size 64).
+        blocksize: weights per block sharing one maximum, a power of two from 32 to 4096.
+        compute_dtype: dtype of the matmul at inference (float32, bfloat16 or float16); written to
+            config.json as bnb_4bit_compute_dtype.
+        skip: regular expressions (re.search on the module's dotted name) of layers to keep in full
+            precision. Only Linear layers inside the repeated blocks are candidates.
+        blocks: dotted name of the repeated block list, when structure discovery picks the wrong one.
+        dtype: the model's dtype in the output, as for the other methods: 'auto' (float16, or bfloat16
+            when the checkpoint is bfloat16), 'float16', 'bfloat16' or 'float32'. Unquantized tensors
+            are stored in it and the weights are cast to it before quantization, so the folder is what
+            transformers saves after loading the model in that dtype and quantizing it.
+    """
+
+    method: ClassVar[str] = "nf4"
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "float32"
+    skip: list[str] = field(default_factory=list)
+    blocks: str | None = None
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
+        if self.quant_type not in QUANT_TYPES:
+            raise CompressError(f"--quant-type {self.quant_type} is not supported; choose nf4 or fp4")
+        check_blocksize(self.blocksize)
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise CompressError(f"--compute-dtype {self.compute_dtype} is not supported; choose float32, bfloat16 or float16")
+        if not isinstance(self.double_quant, bool):
+            raise CompressError(f"double_quant must be true or false, got {self.double_quant!r}")
+        _check_regexes(self.skip, "--skip")
+
+    def spec_for(self, name: str) -> NF4Spec | None:
+        """The NF4Spec of layer ``name``, or None when ``skip`` excludes it."""
+        if any(re.search(p, name) for p in self.skip):
+            return None
+        return NF4Spec(self.quant_type, self.blocksize, self.double_quant)
+
+    @property
+    def label(self) -> str:
+        """Short name used for default output folders and tables: 'nf4-b64-dq'."""
+        return f"{self.quant_type}-b{self.blocksize}{'-dq' if self.double_quant else ''}"
+
+
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ: quantize each layer column by column with a Hessian from calibration data.
+
+    Args (beyond WeightQuantConfig's):
+        act_order: quantize columns in order of decreasing Hessian diagonal (desc_act in the format).
+        static_groups: with act_order, fix group parameters from the original weights so groups stay
+            contiguous in column order (faster kernels).
+        damp: fraction of the mean Hessian diagonal added to it (raised automatically if needed).
+        block_size: columns per lazy-update block.
+        mse: search each group's clipping range for the smallest error.
+        true_sequential: solve the layers of a block in the order they run, each seeing its
+            predecessors' quantized outputs.
+        calib: calibration text: 'builtin', a .txt / .jsonl / .csv file, or 'hf:NAME'.
+        nsamples, seqlen: calibration samples and their length in tokens (seqlen None: 2048 or the
+            model's maximum, whichever is smaller).
+        calib_batch_size: samples per forward pass.
+        offload: keep calibration activations on disk instead of in memory.
+        seed: seeds the choice of calibration samples.
+        text_field: column / field holding the text in calibration files.
+    """
+
+    method: ClassVar[str] = "gptq"
+
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+    true_sequential: bool = True
+    calib: str = "builtin"
+    nsamples: int = 128
+    seqlen: int | None = None
+    calib_batch_size: int = 8
+    offload: bool = False
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.damp <= 1:
+            raise CompressError(f"--damp {self.damp} must lie in (0, 1]; 0.01 is usual")
+        if self.nsamples < 1:
+            raise CompressError(f"--nsamples must be at least 1, got {self.nsamples}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise CompressError(f"--seqlen must be at least 2 tokens, got {self.seqlen}")
+        if self.block_size < 1 or self.calib_batch_size < 1:
+            raise CompressError("the GPTQ block size and calibration batch size must be at least 1")
 
 
 @dataclass

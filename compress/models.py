@@ -330,12 +330,7 @@ class LoadedModel:
 
     def max_positions(self) -> int:
         """Longest sequence the model accepts (max_position_embeddings or n_positions; 4096 if unset)."""
-        cfg = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 4096
+        return max_positions(self.model.config)
 
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -343,6 +338,15 @@ class LoadedModel:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return (self.pooling or Pooling())(hidden, attention_mask)
+
+
+def max_positions(config) -> int:
+    """Longest sequence a config allows (max_position_embeddings or n_positions; 4096 if unset)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4096
 
 
 def _safe_default_path() -> Path | None:

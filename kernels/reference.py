@@ -100,3 +100,90 @@ def gptq_matmul(
     """``x @ W.T + bias`` for a GPTQ-layout weight: unpack, dequantize in x's dtype, then F.linear."""
     w = gptq_dequantize(qweight, qzeros, scales, g_idx, bits, zero_offset, dtype=x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4-bit blockwise layout (bitsandbytes NF4 / FP4, REFERENCES.md section 2), for a weight of shape (N, K)
+# holding n = N*K values in blocks of ``blocksize``:
+#
+# - ``packed`` uint8 [ceil(n / 2), 1]: the row-major flattened codes, two per byte, first in the high nibble;
+# - ``absmax`` float32 [ceil(n / blocksize)]: each block's scale, ``W.flat[i] = quant_map[code_i] * absmax[i // blocksize]``;
+# - with double quantization ``absmax`` is uint8 codes of the scales:
+#   ``scale[j] = nested_quant_map[absmax[j]] * nested_absmax[j // nested_blocksize] + offset``.
+
+
+def absmax_of(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    offset: torch.Tensor | float | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """float32 block scales [blocks]: ``absmax`` itself, or decoded from its 8-bit codes when nested."""
+    if nested_absmax is None:
+        return absmax.float()
+    return blockwise_dequantize(absmax, nested_absmax, nested_quant_map, nested_blocksize) + offset
+
+
+def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 [n]: ``quant_map[codes[i]] * absmax[i // blocksize]`` for flat codes [n] (any integer dtype)."""
+    values = quant_map.float()[codes.reshape(-1).long()]
+    return _scale_blocks(values, absmax.float(), blocksize)
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = values.numel()
+    full = n - n % blocksize
+    out = torch.empty_like(values)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).view(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[full // blocksize]
+    return out
+
+
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Codes uint8 [n] from bytes holding two codes each (first in the high nibble)."""
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)  # storages other than uint8 hold the same bytes
+    return torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:n]
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense weight of ``shape`` in ``dtype`` from 4-bit codes and float32 block scales.
+
+    The products are formed in float32 and then rounded to ``dtype``, as bitsandbytes does.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    codes = unpack_4bit(packed, n)
+    return blockwise_dequantize(codes, absmax, quant_map, blocksize).view(shape).to(dtype)
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    offset: torch.Tensor | float | None = None,
+    nested_blocksize: int = 256,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for a 4-bit blockwise weight W [N, K]: decode the scales, dequantize straight
+    into x's dtype (float32 products rounded once, as bitsandbytes' matmul does whatever dtype the
+    weight had before quantization), then F.linear."""
+    scales = absmax_of(absmax, nested_absmax, nested_quant_map, offset, nested_blocksize)
+    w = dequantize_4bit(packed, scales, quant_map, shape, blocksize, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

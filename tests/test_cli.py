@@ -42,8 +42,8 @@ def test_quantize_then_eval(tiny_model, tmp_path, hash_tree):
     src = tiny_model("llama")
     before = hash_tree(src)
     out = tmp_path / "q"
-    proc = run("quantize", "--model", src, "--out", out, "--bits", 4, "--group-size", 32, "--device", "cpu",
-               "--json", tmp_path / "r.json", *QUICK)
+    proc = run("quantize", "--method", "rtn", "--model", src, "--out", out, "--bits", 4, "--group-size", 32,
+               "--device", "cpu", "--json", tmp_path / "r.json", *QUICK)
     assert proc.returncode == 0, proc.stderr
     assert "quantized 14 layers" in proc.stdout
     header = next(line for line in proc.stdout.splitlines() if line.startswith("model"))
@@ -56,9 +56,18 @@ def test_quantize_then_eval(tiny_model, tmp_path, hash_tree):
 
 
 def test_no_eval_skips_the_table(tiny_model, tmp_path):
-    proc = run("quantize", "--model", tiny_model("gpt2"), "--out", tmp_path / "q", "--no-eval")
+    proc = run("quantize", "--method", "rtn", "--model", tiny_model("gpt2"), "--out", tmp_path / "q", "--no-eval")
     assert proc.returncode == 0, proc.stderr
     assert "model " not in proc.stdout and "quantized 8 layers" in proc.stdout
+
+
+def test_gptq_is_the_default_method(tiny_model, tmp_path):
+    proc = run("quantize", "--model", tiny_model("qwen2"), "--out", tmp_path / "q", "--bits", 4, "--group-size", 32,
+               "--nsamples", 8, "--seqlen", 32, "--act-order", "--damp", "0.02", "--no-latency", *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    assert "with gptq" in proc.stdout and "gptq w4 g32 act" in proc.stdout
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["desc_act"] and cfg["damp_percent"] == 0.02 and cfg["meta"]["nsamples"] == 8
 
 
 def test_python_m_and_console_script_agree():
@@ -93,11 +102,15 @@ def test_bad_inputs_one_sentence_exit_2_nothing_written(tiny_model, tmp_path, ha
     cases = [
         (["quantize", "--model", tmp_path / "missing"], ["does not exist"]),
         (["quantize", "--model", no_config], ["no config.json"]),
-        (["quantize", "--model", truncated], ["truncated"]),
+        (["quantize", "--model", truncated, "--method", "rtn"], ["truncated"]),
         (["quantize", "--model", good, "--bits", 5], ["--bits 5"]),
         (["quantize", "--model", good, "--group-size", 100], ["--group-size 100"]),
         (["quantize", "--model", good, "--method", "magic"], ["unknown method 'magic'"]),
-        (["quantize", "--model", nan], ["NaN or Inf"]),
+        (["quantize", "--model", nan, "--method", "rtn"], ["NaN or Inf"]),
+        (["quantize", "--model", nan, "--nsamples", 4, "--seqlen", 32], ["NaN or Inf"]),
+        (["quantize", "--model", good, "--seqlen", 4096], ["beyond the model's 256 positions"]),
+        (["quantize", "--model", good, "--calib", short, "--nsamples", 4, "--seqlen", 64], ["enough for 0 samples"]),
+        (["quantize", "--model", good, "--damp", 0], ["--damp 0"]),
         (["quantize", "--model", good, "--skip", "("], ["not a valid regular expression"]),
         (["quantize", "--model", good, "--bits", "four"], ["invalid int value"]),
         (["quantize", "--model", "some-org/some-model"], ["never downloads"]),
@@ -119,10 +132,10 @@ def test_existing_output_is_refused_without_overwrite(tiny_model, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run("quantize", "--model", tiny_model("gpt2"), "--out", out, "--no-eval")
+    proc = run("quantize", "--method", "rtn", "--model", tiny_model("gpt2"), "--out", out, "--no-eval")
     assert_clean_error(proc, "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    proc = run("quantize", "--model", tiny_model("gpt2"), "--out", out, "--no-eval", "--overwrite")
+    proc = run("quantize", "--method", "rtn", "--model", tiny_model("gpt2"), "--out", out, "--no-eval", "--overwrite")
     assert proc.returncode == 0 and not (out / "keep.txt").exists()
 
 

@@ -115,3 +115,16 @@ def test_default_output_name(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     report = compress.quantize(tiny_model("gpt2"), None, RTNConfig(bits=4, group_size=-1), progress=False)
     assert report.output.name == "gpt2-default-rtn-w4gpc"
+
+
+def test_unquantized_tensors_are_stored_in_half_precision(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    compress.quantize(src, tmp_path / "auto", RTNConfig(bits=4, group_size=32), progress=False)
+    state = load_file(str(tmp_path / "auto" / "model.safetensors"))
+    assert state["model.embed_tokens.weight"].dtype == torch.float16
+    assert state["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float16
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["torch_dtype"] == "float16"
+    compress.quantize(src, tmp_path / "fp32", RTNConfig(bits=4, group_size=32, dtype="float32"), progress=False)
+    assert load_file(str(tmp_path / "fp32" / "model.safetensors"))["model.embed_tokens.weight"].dtype == torch.float32
+    with pytest.raises(CompressError, match="--dtype"):
+        RTNConfig(dtype="int8")

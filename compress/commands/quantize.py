@@ -7,15 +7,15 @@ import sys
 from ..cli import add_common, check_eval_args, finish
 from ..errors import CompressError
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq", "nf4")
 
 
 def register(sub) -> None:
-    q = sub.add_parser("quantize", help="quantize weights into the GPTQ checkpoint format",
+    q = sub.add_parser("quantize", help="quantize weights (GPTQ, round-to-nearest: GPTQ checkpoint format; nf4: bitsandbytes 4-bit)",
                        description="Quantize a model's Linear layers and save a folder that compress.load, "
-                                   "transformers and vLLM read.")
+                                   "transformers and vLLM read (nf4: compress.load and transformers with bitsandbytes).")
     add_common(q)
-    q.add_argument("--method", default="rtn", help=f"quantization method: {', '.join(METHODS)} (default rtn)")
+    q.add_argument("--method", default="gptq", help=f"quantization method: {', '.join(METHODS)} (default gptq)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="columns per scale: 32, 64, 128 or -1 (default 128)")
     sym = q.add_mutually_exclusive_group()
@@ -26,6 +26,33 @@ def register(sub) -> None:
     q.add_argument("--override", action="append", default=[], metavar="REGEX=bits:B[,group_size:G]",
                    help="other bits / group size for matching layers (repeatable)")
     q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list, if not found automatically")
+    q.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="dtype of the tensors left unquantized (auto: float16, or bfloat16 for bfloat16 models)")
+    g = q.add_argument_group("GPTQ (--method gptq)")
+    g.add_argument("--calib", default="builtin", metavar="SRC",
+                   help="calibration text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    g.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per sample (default 2048 or the model's maximum, whichever is smaller)")
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal (desc_act)")
+    g.add_argument("--static-groups", action="store_true", help="with --act-order, fix group parameters up front")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping, a fraction of its mean diagonal (default 0.01)")
+    g.add_argument("--mse", action="store_true", help="search each group's clipping range for the smallest error")
+    g.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="solve all layers of a block from the block's unquantized inputs (faster, less accurate)")
+    g.add_argument("--calib-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    g.add_argument("--offload", action="store_true", help="keep calibration activations on disk instead of in memory")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    nf4 = q.add_argument_group("nf4 (4-bit blockwise, bitsandbytes layout)")
+    nf4.add_argument("--quant-type", choices=("nf4", "fp4"), help="code table: nf4 (default) or fp4")
+    dq = nf4.add_mutually_exclusive_group()
+    dq.add_argument("--double-quant", dest="double_quant", action="store_true", default=None,
+                    help="quantize the block maxima to 8 bits too (default; ~4.127 bits per weight at block size 64)")
+    dq.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                    help="keep float32 block maxima (4.5 bits per weight at block size 64)")
+    nf4.add_argument("--blocksize", type=int, metavar="N", help="weights per block: a power of two from 32 to 4096 (default 64)")
+    nf4.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"),
+                     help="matmul dtype at inference (default float32)")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=run)
 
@@ -47,13 +74,40 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+def build_nf4_config(args):
+    """NF4Config from the nf4 flags; refuses the integer-only flags, which do not apply to it."""
+    from ..config import NF4Config
+
+    if args.bits != 4:
+        raise CompressError(f"--method nf4 stores 4-bit codes; --bits {args.bits} does not apply (drop it)")
+    if args.override or args.group_size != 128 or not args.sym:
+        flag = "--override" if args.override else "--group-size" if args.group_size != 128 else "--asym"
+        raise CompressError(f"{flag} does not apply to --method nf4; use --blocksize for its block size")
+    given = {k: v for k, v in (("quant_type", args.quant_type), ("double_quant", args.double_quant),
+                               ("blocksize", args.blocksize), ("compute_dtype", args.compute_dtype)) if v is not None}
+    return NF4Config(**given, skip=args.skip, blocks=args.blocks, dtype=args.dtype)
+
+
 def build_config(args):
-    from ..config import RTNConfig
+    from ..config import GPTQConfig, RTNConfig
 
     if args.method not in METHODS:
         raise CompressError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
-    return RTNConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
-                     overrides=parse_overrides(args.override), blocks=args.blocks)
+    if args.method == "nf4":
+        return build_nf4_config(args)
+    nf4_only = [flag for flag, v in (("--quant-type", args.quant_type), ("--blocksize", args.blocksize),
+                                     ("--compute-dtype", args.compute_dtype),
+                                     ("--double-quant/--no-double-quant", args.double_quant)) if v is not None]
+    if nf4_only:
+        raise CompressError(f"{nf4_only[0]} applies to --method nf4 only")
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, skip=args.skip,
+                  overrides=parse_overrides(args.override), blocks=args.blocks, dtype=args.dtype)
+    if args.method == "gptq":
+        return GPTQConfig(**common, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                          mse=args.mse, true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
+                          seqlen=args.seqlen, calib_batch_size=args.calib_batch_size, offload=args.offload,
+                          seed=args.seed, text_field=args.text_field)
+    return RTNConfig(**common)
 
 
 def run(args) -> None:

@@ -36,6 +36,12 @@ def describe_quantization(quant: dict | None, dtype: torch.dtype | None = None) 
         if quant.get("desc_act"):
             label += " act"
         return label
+    if quant.get("quant_method") == "bitsandbytes":  # 'nf4 b64 dq'; the block size is ours to record
+        if quant.get("load_in_8bit") or quant.get("_load_in_8bit"):
+            return "bnb int8"
+        block = quant.get("meta", {}).get("blocksize")
+        label = str(quant.get("bnb_4bit_quant_type", "fp4")) + (f" b{block}" if block else "")
+        return label + (" dq" if quant.get("bnb_4bit_use_double_quant") else "")
     return str(method)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..checkpoint import is_weight_file, safetensors_header
 from ..models import LoadedModel, block_linears, find_blocks, linear_types
+from ..memory import release_free_memory
 from ..quant.linear import QuantModule
 
 # tensors that are the same fixed lookup table in every layer (a reader could share one copy)
@@ -134,19 +135,6 @@ def _rss(field: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def release_free_memory() -> None:
-    """Hand memory that the allocator keeps after frees back to the system (glibc malloc_trim), so the
-    next measurement's baseline is what is really in use and its growth is not hidden by reuse."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _reset_peak_rss() -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, copy_side_files
-from ..config import RTNConfig, WeightQuantConfig
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
+from ..config import GPTQConfig, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
 from ..models import (DEFAULT_MODEL_NAME, block_linears, build_skeleton, checkpoint_key_map, default_model_path,
                       detect_kind, is_conv1d, linear_shape, load_config, read_config_dict, resolve_device,
@@ -70,6 +70,11 @@ class QuantizeReport:
 
     def summary(self) -> str:
         lines = [f"quantized {len(self.layers)} layers of {self.source} with {self.method} in {self.seconds:.1f} s -> {self.output}"]
+        losses = [layer for layer in self.layers if layer.loss is not None]
+        if losses:
+            worst = max(losses, key=lambda layer: layer.loss)
+            mean = sum(layer.loss for layer in losses) / len(losses)
+            lines.append(f"reconstruction loss: mean {mean:.4g}, largest {worst.loss:.4g} ({worst.name})")
         if self.skipped:
             lines.append(f"kept in full precision by --skip: {len(self.skipped)} layers")
         refused = self.vllm_refused()
@@ -96,7 +101,8 @@ def _is_default(source: Path) -> bool:
 
 
 def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointReader, trust_remote_code: bool = False):
-    """(kind, targets, skipped): the Linear layers of the repeated blocks and how each is quantized."""
+    """(kind, targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each
+    is quantized, the model's skeleton and the map from its state-dict names to checkpoint keys."""
     config_dict = read_config_dict(source)
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "unknown")
@@ -119,19 +125,32 @@ def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointRead
             targets.append(LayerTarget(name, key, bias_key, k, n, is_conv1d(module), spec, block))
     if not targets:
         raise CompressError("no Linear layer is left to quantize (every one matches --skip)")
-    return kind, targets, skipped
+    return kind, targets, skipped, skeleton, key_of
 
 
-def check_finite(key: str, tensor: torch.Tensor) -> None:
-    """CompressError when a floating-point tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CompressError(f"tensor {key} contains NaN or Inf values; the model is damaged and cannot be quantized")
+def output_dtype(choice: str, reader: CheckpointReader) -> torch.dtype:
+    """dtype for the unquantized floating-point tensors of the output (see WeightQuantConfig.dtype)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    stored = {reader.info(k)[0] for k in reader.keys()}
+    return torch.bfloat16 if torch.bfloat16 in stored else torch.float16
 
 
-def write_config_files(source: Path, out: Path, quantization_config: dict) -> None:
-    """config.json with quantization_config, quantize_config.json, and the input's other files."""
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point tensors in ``dtype``; integer tensors (ids, masks) untouched."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def write_config_files(source: Path, out: Path, quantization_config: dict, dtype: torch.dtype | None = None) -> None:
+    """config.json with quantization_config (and the output's dtype), quantize_config.json, and the
+    input's other files."""
     config = read_config_dict(source)
     config["quantization_config"] = quantization_config
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["torch_dtype"] = name
+        if "dtype" in config:
+            config["dtype"] = name
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
     copy_side_files(source, out)
@@ -154,7 +173,7 @@ def quantize(
         model: local model folder (None: the embedded default model). Only read, never modified.
         out: output folder (default ``./<model>-<method>-w<bits>g<group>``); refused if it exists
             unless ``overwrite``.
-        config: an RTNConfig (the default).
+        config: an RTNConfig (the default) or a GPTQConfig (calibrated, layer by layer).
         device: where the arithmetic runs: 'auto', 'cpu' or 'cuda'.
         progress: show a progress bar on stderr.
         max_shard_bytes: largest output shard.
@@ -163,16 +182,27 @@ def quantize(
         A QuantizeReport; the folder loads with ``compress.load(out)``.
     """
     config = config or RTNConfig()
+    if isinstance(config, GPTQConfig):
+        from .gptq_model import quantize_gptq
+
+        return quantize_gptq(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                             progress=progress, max_shard_bytes=max_shard_bytes)
+    if config.method == "nf4":  # 4-bit blockwise into the bitsandbytes layout: its own streaming writer
+        from .nf4_apply import quantize_nf4
+
+        return quantize_nf4(model, out, config, device=device, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                            progress=progress, max_shard_bytes=max_shard_bytes)
     if not isinstance(config, RTNConfig):
-        raise CompressError(f"method '{config.method}' is not available in this version; use rtn")
+        raise CompressError(f"method '{config.method}' is not available; use rtn, gptq or nf4")
     source = resolve_model_path(model)
     dev = resolve_device(device)
     out_path = Path(out) if out else default_output(source, config)
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
-        kind, targets, skipped = plan_targets(source, config, reader, trust_remote_code)
+        kind, targets, skipped, _, _ = plan_targets(source, config, reader, trust_remote_code)
         by_key = {t.key: t for t in targets}
         bias_keys = {t.bias_key: t for t in targets if t.bias_key}
+        dtype = output_dtype(config.dtype, reader)
         reports = []
         with atomic_output(out_path, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
@@ -193,10 +223,10 @@ def quantize(
                 elif key in bias_keys:
                     continue  # written with its layer, in float16 as the format prescribes
                 else:
-                    writer.add(key, tensor)
+                    writer.add(key, cast_floating(tensor, dtype))
             writer.close()
             qcfg = gptq_quantization_config(config.spec, method=config.method, skip=config.skip, overrides=config.overrides)
-            write_config_files(source, tmp, qcfg)
+            write_config_files(source, tmp, qcfg, dtype)
     return QuantizeReport(source, out_path.absolute(), config.method, config.to_dict(), reports, skipped,
                           time.perf_counter() - start)
 

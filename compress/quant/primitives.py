@@ -62,15 +62,14 @@ def group_index(in_features: int, group_size: int) -> torch.Tensor:
     return (torch.arange(in_features) // g).to(torch.int32)
 
 
-def choose_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero per row of ``w`` [N, k] (one group of columns): float32 [N] each.
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row for the value range [xmin, xmax] (float32 [N] each).
 
     Scales come back float16-representable and at least 2**-24; zeros are whole numbers.
     """
     maxq = (1 << bits) - 1
-    w = w.float()
-    xmin = w.amin(dim=1).clamp(max=0)
-    xmax = w.amax(dim=1).clamp(min=0)
+    xmin = xmin.float().clamp(max=0)
+    xmax = xmax.float().clamp(min=0)
     if sym:
         amax = torch.maximum(-xmin, xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -89,6 +88,36 @@ def choose_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
     if not sym:
         zero = torch.round(-xmin / scale).clamp(1 if maxq > 1 else 0, maxq)
     return scale, zero
+
+
+def choose_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of ``w`` [N, k] (one group of columns) from its min and max: float32 [N] each."""
+    w = w.float()
+    return qparams_from_range(w.amin(dim=1), w.amax(dim=1), bits, sym)
+
+
+def choose_qparams_mse(w: torch.Tensor, bits: int, sym: bool, grid: int = 100, max_shrink: float = 0.8,
+                       norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like choose_qparams, but shrink each row's range to minimise sum |w - fake_quant(w)|^norm.
+
+    Tries ranges scaled by 1, 1 - 1/grid, ... down to 1 - max_shrink (GPTQ's clipping search); clipping
+    a few outliers often lowers the error of all the other weights.
+    """
+    w = w.float()
+    maxq = (1 << bits) - 1
+    xmin, xmax = w.amin(dim=1), w.amax(dim=1)
+    best_scale, best_zero = qparams_from_range(xmin, xmax, bits, sym)
+    best_err = (fake_quantize(w, best_scale[:, None], best_zero[:, None], maxq) - w).abs().pow(norm).sum(1)
+    for i in range(1, int(max_shrink * grid) + 1):
+        p = 1 - i / grid
+        scale, zero = qparams_from_range(p * xmin, p * xmax, bits, sym)
+        err = (fake_quantize(w, scale[:, None], zero[:, None], maxq) - w).abs().pow(norm).sum(1)
+        better = err < best_err
+        if better.any():
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -1,0 +1,378 @@
+"""The layer-by-layer calibration runner shared by GPTQ, SparseGPT, Wanda and importance matrices.
+
+A method observes the inputs of each Linear layer inside the repeated blocks and solves for its new
+weight; the runner owns everything around that:
+
+1. Build nothing but the model's skeleton (parameters on the meta device); load only the tensors
+   outside the blocks (embeddings, rotary tables) and capture the inputs of block 0, with every keyword
+   argument the model passes its blocks (attention mask, position ids or rotary embeddings), by
+   stopping the forward pass at block 0.
+2. For each block: load its tensors from the checkpoint; find the order in which its Linear layers
+   run and which of them share an input (q/k/v, gate/up); for each such stage, in order, run the
+   calibration batches through the block (stopping after the stage) while observers accumulate
+   statistics, then solve and swap in the new weights, so later stages see the already-changed ones
+   (true-sequential); run the batches through the finished block to get the next block's inputs; hand
+   the block to the caller (which writes it out); free it.
+
+Memory therefore holds one block plus the activations, whatever the depth; activations can live on
+disk (``offload_dir``) instead of in memory.
+
+A method is any object with ``wants(name) -> bool``, ``observer(in_features, device)`` (an object
+with ``add_batch(inputs)``) and ``solve(name, weight [N, K] float32, observer) -> (new_weight,
+payload)``; the payloads come back per layer in each BlockResult.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import check_finite
+from .errors import CompressError
+from .memory import release_free_memory
+from .models import find_blocks, find_linears, is_conv1d
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the wanted inputs are recorded."""
+
+
+class Observer(Protocol):
+    def add_batch(self, inputs: torch.Tensor) -> None: ...
+
+
+class Method(Protocol):
+    def wants(self, name: str) -> bool: ...
+
+    def observer(self, in_features: int, device: torch.device) -> Observer: ...
+
+    def solve(self, name: str, weight: torch.Tensor, observer: Observer) -> tuple[torch.Tensor, Any]: ...
+
+
+class ActivationStore:
+    """A list of per-batch values (tensors, or tuples / dicts of them) kept in memory or in files."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self._items: list[Any] = []
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, value: Any) -> None:
+        value = _to_cpu(value)
+        if self.folder is None:
+            self._items.append(value)
+        else:
+            path = self.folder / f"{len(self._items):06d}.pt"
+            torch.save(value, path)
+            self._items.append(path)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self._items[i]
+        return torch.load(item, weights_only=False) if self.folder is not None else item
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._items = []
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return a == b
+
+
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
+
+
+@dataclass
+class BlockResult:
+    """One finished block: its module (new weights in place) and the method's payload per layer."""
+
+    index: int
+    prefix: str
+    module: nn.Module
+    payloads: dict[str, Any] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+
+def materialize(model: nn.Module, names: list[str], reader, key_of: dict[str, str], device, dtype) -> None:
+    """Load the state-dict entries ``names`` of ``model`` from the checkpoint onto ``device``.
+
+    Floating-point tensors are cast to ``dtype``; entries the checkpoint lacks (tied weights) stay as
+    they are.
+    """
+    state = {}
+    for name in names:
+        key = key_of.get(name)
+        if key is None:
+            continue
+        value = reader.get(key)
+        check_finite(key, value)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        state[name] = value.to(device)
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def release(module: nn.Module) -> None:
+    """Move a module's parameters back to the meta device, freeing their memory."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _hidden_of(args, kwargs):
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+class Runner:
+    """Runs a method over every block of a model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, reader, key_of: dict[str, str], *, device: torch.device, dtype: torch.dtype,
+                 blocks: str | None = None, batch_size: int = 8, offload_dir: str | Path | None = None,
+                 true_sequential: bool = True):
+        self.model = model.eval()  # no dropout: calibration must see what inference computes
+        self.reader = reader
+        self.key_of = key_of
+        self.device = device
+        self.dtype = dtype
+        self.blocks_name, self.blocks = find_blocks(model, blocks)
+        self.batch_size = batch_size
+        self.true_sequential = true_sequential
+        self._tmp = Path(tempfile.mkdtemp(prefix="compress-acts-", dir=offload_dir)) if offload_dir else None
+
+    # ------------------------------------------------------------------ inputs of block 0
+
+    def capture(self, samples: torch.Tensor) -> tuple[ActivationStore, list[dict]]:
+        """Hidden states entering block 0, per batch, and the keyword arguments the model passes."""
+        prefix = self.blocks_name + "."
+        outside = [n for n in self.model.state_dict(keep_vars=True) if not n.startswith(prefix)]
+        materialize(self.model, outside, self.reader, self.key_of, self.device, self.dtype)
+        hidden = ActivationStore(self._tmp / "in" if self._tmp else None)
+        kwargs_list: list[dict] = []
+
+        def grab(module, args, kwargs):
+            h, rest, kw = _hidden_of(args, kwargs)
+            if rest:
+                kw = {**kw, "__args__": rest}
+            kw = {k: v for k, v in kw.items() if k not in _DROPPED_KWARGS}
+            hidden.append(h)
+            kwargs_list.append(_to_cpu(kw))
+            raise StopForward
+
+        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for batch in samples.split(self.batch_size):
+                    ids = batch.to(self.device)
+                    extra = {"use_cache": False} if _accepts(self.model.forward, "use_cache") else {}
+                    try:
+                        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
+                    except StopForward:
+                        pass
+                    else:
+                        raise CompressError(f"the model never called its block list '{self.blocks_name}'; pass --blocks")
+        finally:
+            handle.remove()
+            release_outside(self.model, prefix)
+        # every batch usually gets the same masks and rotary tables: keep one copy
+        if all(_same(kwargs_list[0], kw) for kw in kwargs_list[1:]):
+            kwargs_list = kwargs_list[:1]
+        return hidden, kwargs_list
+
+    # ------------------------------------------------------------------ blocks
+
+    def _forward(self, block, h, kwargs):
+        kw = dict(_to_device(kwargs, self.device))
+        rest = kw.pop("__args__", ())
+        return block(h.to(self.device), *rest, **kw)
+
+    def _kwargs(self, kwargs_list, i):
+        return kwargs_list[i if len(kwargs_list) > 1 else 0]
+
+    def stages(self, block: nn.Module, linears: dict[str, nn.Module], h0, kw0) -> list[list[list[str]]]:
+        """Execution order of the block's layers on one batch, as stages of input-sharing groups.
+
+        Returns a list of stages; each stage is a list of groups of layer names that receive the very
+        same input tensor (q/k/v; gate/up). Without true-sequential order, one stage holds them all.
+        """
+        calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their memory from being reused
+        handles = []
+        for name, layer in linears.items():
+            def note(module, args, name=name):
+                calls.append((name, args[0]))
+            handles.append(layer.register_forward_pre_hook(note))
+        try:
+            with torch.inference_mode():
+                self._forward(block, h0, kw0)
+        finally:
+            for hd in handles:
+                hd.remove()
+        seen, stages = set(), []
+        for name, inp in calls:
+            if name in seen:
+                continue
+            seen.add(name)
+            if stages and stages[-1][-1][1] is inp:
+                stages[-1][-1][0].append(name)
+            elif stages and not self.true_sequential:
+                stages[-1].append(([name], inp))
+            else:
+                stages.append([([name], inp)])
+        missing = [n for n in linears if n not in seen]
+        if missing:
+            raise CompressError(f"layer {missing[0]} is never called by its block's forward pass, so it cannot be calibrated; "
+                                "exclude it with --skip")
+        return [[names for names, _ in stage] for stage in stages]
+
+    def run(self, samples: torch.Tensor, method: Method, progress=None) -> Iterator[BlockResult]:
+        """Yield each block after its layers were solved; the caller writes it before the next one."""
+        hidden, kwargs_list = self.capture(samples)
+        try:
+            for index, block in enumerate(self.blocks):
+                prefix = f"{self.blocks_name}.{index}"
+                names = [f"{prefix}.{n}" for n in block.state_dict(keep_vars=True)]
+                materialize(self.model, names, self.reader, self.key_of, self.device, self.dtype)
+                linears = {n: m for n, m in find_linears(block, prefix).items() if method.wants(n)}
+                result = BlockResult(index, prefix, block)
+                if linears:
+                    stages = self.stages(block, linears, hidden[0], self._kwargs(kwargs_list, 0))
+                    result.order = [n for stage in stages for group in stage for n in group]
+                    for stage in stages:
+                        self._solve_stage(block, stage, linears, hidden, kwargs_list, method, result, progress)
+                hidden = self._advance(block, hidden, kwargs_list, index)
+                yield result
+                release(block)
+                self.reader.release()
+                release_free_memory()
+        finally:
+            hidden.clear()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _solve_stage(self, block, stage, linears, hidden, kwargs_list, method, result, progress):
+        observers, handles = {}, []
+        last = stage[-1][-1]
+        for group in stage:
+            first = linears[group[0]]
+            in_features = first.weight.shape[0] if is_conv1d(first) else first.in_features
+            obs = method.observer(in_features, self.device)
+            for name in group:
+                observers[name] = obs
+
+            def feed(module, args, obs=obs, stop=(last in group)):
+                obs.add_batch(args[0])
+                if stop:
+                    raise StopForward
+
+            # the group's layers share one input: record it once, at the first of them; at the last
+            # group of the stage nothing further is needed, so the pass stops there
+            handles.append(linears[group[0]].register_forward_pre_hook(feed))
+        try:
+            with torch.inference_mode():
+                for i in range(len(hidden)):
+                    try:
+                        self._forward(block, hidden[i], self._kwargs(kwargs_list, i))
+                    except StopForward:
+                        pass
+        finally:
+            for hd in handles:
+                hd.remove()
+        for group in stage:
+            for name in group:
+                layer = linears[name]
+                conv = is_conv1d(layer)
+                weight = layer.weight.detach().float()
+                new, payload = method.solve(name, weight.t() if conv else weight, observers[name])
+                layer.weight.data = (new.t() if conv else new).to(layer.weight.dtype).contiguous()
+                result.payloads[name] = payload
+                if progress is not None:
+                    progress(name, payload)
+
+    def _advance(self, block, hidden: ActivationStore, kwargs_list, index: int) -> ActivationStore:
+        """Run every batch through the finished block: the next block's inputs."""
+        nxt = ActivationStore(self._tmp / f"b{index % 2}" if self._tmp else None)
+        with torch.inference_mode():
+            for i in range(len(hidden)):
+                out = _first_tensor(self._forward(block, hidden[i], self._kwargs(kwargs_list, i)))
+                if not torch.isfinite(out).all():
+                    raise CompressError(
+                        f"block {index} produces NaN or Inf on the calibration data; the model's weights or the data are out of range"
+                    )
+                nxt.append(out.to(self.dtype))
+        hidden.clear()
+        return nxt
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params
+
+
+def release_outside(model: nn.Module, prefix: str) -> None:
+    """Free every parameter that does not belong to the block list (after block 0's inputs are known)."""
+    for name, module in model.named_modules():
+        if name.startswith(prefix) or name + "." == prefix:
+            continue
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                module._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def default_offload_dir() -> str | None:
+    """Where activations go with --offload: $COMPRESS_OFFLOAD_DIR, else the system temporary folder."""
+    return os.environ.get("COMPRESS_OFFLOAD_DIR") or tempfile.gettempdir()
