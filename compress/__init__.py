@@ -20,6 +20,11 @@ _EXPORTS = {
     "evaluate": ("compress.eval.harness", "compare"),
     "compare": ("compress.eval.harness", "compare"),
     "QuantLinear": ("compress.quant.linear", "QuantLinear"),
+    "DistillConfig": ("compress.config", "DistillConfig"),
+    "FinetuneConfig": ("compress.config", "FinetuneConfig"),
+    "StudentConfig": ("compress.config", "StudentConfig"),
+    "distill_model": ("compress.distill.pipeline", "distill_model"),
+    "finetune_model": ("compress.distill.pipeline", "finetune_model"),
     "NF4Linear": ("compress.quant.nf4_linear", "NF4Linear"),
 }
 

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import CompressError
 
 # command modules under compress/commands, in the order --help lists them
-COMMANDS = ("quantize", "eval")
+COMMANDS = ("quantize", "distill", "finetune", "eval")
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,13 +29,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output_help: str = "output path",
-               model_help: str | None = None) -> None:
-    """--model, --out, --device, --trust-remote-code and the evaluation options."""
+               model_help: str | None = None, model_flags: tuple[str, ...] = ("--model",)) -> None:
+    """--model (or ``model_flags``), --out, --device, --trust-remote-code and the evaluation options."""
     if many_models:
         p.add_argument("--model", action="append", metavar="PATH",
                        help="model folder, or 'default' for the embedded all-MiniLM-L6-v2; repeat to compare several")
     else:
-        p.add_argument("--model", metavar="PATH",
+        p.add_argument(*model_flags, dest="model", metavar="PATH",
                        help=model_help or "local model folder (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--out", metavar="PATH", help=output_help)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -272,3 +272,191 @@ class EvalConfig(JSONConfig):
             raise CompressError("evaluation seqlen must be at least 2 tokens")
         if self.kl_tokens < 0 or self.warmup < 0:
             raise CompressError("evaluation options kl_tokens and warmup cannot be negative")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: distillation and fine-tuning
+
+DISTILL_TASKS = ("classify", "mlm", "causal", "embed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig(JSONConfig):
+    """How long and how a model is trained; shared by distillation and fine-tuning.
+
+    Args:
+        epochs: passes over the training data (ignored when ``steps`` is set).
+        steps: optimizer steps to take instead of whole epochs.
+        batch_size: examples per device per forward pass.
+        grad_accum: forward passes accumulated per optimizer step.
+        learning_rate: peak AdamW learning rate (linear warm-up, then linear decay to 0).
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm weights).
+        warmup_ratio: fraction of the steps spent warming the learning rate up from 0.
+        max_length: tokens per example (longer texts are truncated; LM windows have exactly this length).
+        max_samples: use at most this many training examples (None: all of them).
+        seed: seeds initialisation, shuffling, dropout and masking, so runs repeat exactly.
+        precision: fp32, or bf16 / fp16 mixed precision (GPU only for fp16).
+        save_steps: write a resumable checkpoint every this many optimizer steps.
+        save_total_limit: checkpoints kept on disk (older ones are deleted).
+        logging_steps: log the loss every this many steps.
+        evaluate: evaluate on the held-out data (when there is any) at the end of each epoch.
+    """
+
+    epochs: float = 3.0
+    steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    max_samples: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    evaluate: bool = True
+
+    def __post_init__(self):
+        if self.steps is None and not self.epochs > 0:
+            raise CompressError(f"--epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise CompressError(f"--steps must be at least 1, got {self.steps}")
+        for name in ("batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise CompressError(f"training option {name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise CompressError(f"--lr must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise CompressError(f"weight decay cannot be negative, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise CompressError(f"warm-up ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_length < 8:
+            raise CompressError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise CompressError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if self.precision not in PRECISIONS:
+            raise CompressError(f"precision '{self.precision}' is not one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class DistillConfig(TrainingConfig):
+    """Teacher-to-student distillation: which signals the student learns from, and how they are weighted.
+
+    The loss is ``alpha * soft + (1 - alpha) * hard + hidden_weight * hidden + attn_weight * attention
+    + cosine_weight * cosine`` (the terms are defined in compress/distill/losses.py):
+
+    - classify: soft = T^2 KL between the temperature-softened class distributions, hard = cross-entropy
+      with the labels.
+    - mlm: the same at the masked positions only (as DistilBERT), hard = the masked-LM cross-entropy.
+    - causal: the same at every real token, hard = the next-token cross-entropy.
+    - embed: soft = KL between the teachers' and the students' in-batch similarity distributions
+      softmax(cos / similarity_temperature); hard = MSE (or 1 - cosine, ``embed_loss``) between the
+      student's sentence embedding (projected when widths differ) and the teacher's.
+
+    Args:
+        task: classify, mlm, causal or embed.
+        temperature: T > 0 that softens both output distributions (soft term, scaled by T^2).
+        alpha: weight in [0, 1] of the soft term; 1 - alpha goes to the hard term. alpha = 0 trains on
+            the hard target alone (the teacher is then not run unless another term needs it).
+        hidden_weight: weight of the hidden-state MSE over the layer map (0 turns it off).
+        attn_weight: weight of the attention-map KL over the layer map (0 turns it off).
+        cosine_weight: weight of the cosine loss between the last hidden states (0 turns it off).
+        layer_map: [[student_state, teacher_state], ...] indices into the hidden-state tuples (0 is the
+            embedding output, i the output of layer i). None: derived students map each kept layer to
+            its source, other students map layers evenly.
+        embed_loss: mse or cosine, the embed task's hard term.
+        similarity_temperature: temperature of the in-batch similarity distributions (embed).
+        mlm_probability: fraction of tokens masked for the mlm task (80% [MASK], 10% random, 10% kept).
+        vocab_map: JSON file {student token: teacher token} for a student whose vocabulary differs
+            from the teacher's.
+    """
+
+    task: str = "classify"
+    temperature: float = 2.0
+    alpha: float = 0.5
+    hidden_weight: float = 0.0
+    attn_weight: float = 0.0
+    cosine_weight: float = 0.0
+    layer_map: list[list[int]] | None = None
+    embed_loss: str = "mse"
+    similarity_temperature: float = 0.05
+    mlm_probability: float = 0.15
+    vocab_map: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task not in DISTILL_TASKS:
+            raise CompressError(f"task '{self.task}' is not one of {', '.join(DISTILL_TASKS)}")
+        if not self.temperature > 0:
+            raise CompressError(f"--temperature must be greater than 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise CompressError(f"--alpha must be in [0, 1], got {self.alpha}")
+        for name in ("hidden_weight", "attn_weight", "cosine_weight"):
+            if getattr(self, name) < 0:
+                raise CompressError(f"{name} cannot be negative, got {getattr(self, name)}")
+        if self.embed_loss not in ("mse", "cosine"):
+            raise CompressError(f"embed loss '{self.embed_loss}' is not one of mse, cosine")
+        if not self.similarity_temperature > 0:
+            raise CompressError(f"similarity temperature must be greater than 0, got {self.similarity_temperature}")
+        if not 0 < self.mlm_probability < 1:
+            raise CompressError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")
+        if self.layer_map is not None:
+            pairs = [list(p) for p in self.layer_map]
+            if not pairs or any(len(p) != 2 or any(not isinstance(i, int) or i < 0 for i in p) for p in pairs):
+                raise CompressError("layer_map must be a non-empty list of [student_state, teacher_state] index pairs")
+            self.layer_map = pairs
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any term reads the teacher's outputs."""
+        return self.alpha > 0 or self.hidden_weight > 0 or self.attn_weight > 0 or self.cosine_weight > 0 or self.task == "embed"
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """Fine-tuning a base model into a sequence classifier on labeled text (cross-entropy on the labels).
+
+    The defaults suit a small BERT-style encoder on a few thousand examples.
+    """
+
+    learning_rate: float = 1e-4
+    epochs: float = 4.0
+
+
+@dataclass
+class StudentConfig(JSONConfig):
+    """How a student is derived from its teacher (compress/distill/students.py).
+
+    Args:
+        layers: number of blocks to keep, evenly spaced from the first to the last (DistilBERT keeps
+            [0, 2, 4, 7, 9, 11] of 12).
+        layer_indices: the teacher blocks to keep, in increasing order (instead of ``layers``).
+        hidden_size: a narrower residual width (None: the teacher's); the number of attention heads
+            shrinks with it so the head size stays the teacher's.
+        intermediate_size: a narrower feed-forward width (None: the teacher's).
+    """
+
+    layers: int | None = None
+    layer_indices: list[int] | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+
+    def __post_init__(self):
+        if self.layers is not None and self.layer_indices is not None:
+            raise CompressError("give either --student-layers K or --layer-indices, not both")
+        if self.layers is not None and self.layers < 1:
+            raise CompressError(f"--student-layers must be at least 1, got {self.layers}")
+        if self.layer_indices is not None:
+            idx = list(self.layer_indices)
+            if not idx or any(not isinstance(i, int) or i < 0 for i in idx):
+                raise CompressError("--layer-indices must be non-negative integers, for example 0,2,5")
+            if any(b <= a for a, b in zip(idx, idx[1:])):
+                raise CompressError(f"--layer-indices must be strictly increasing, got {','.join(map(str, idx))}")
+            self.layer_indices = idx
+        for name in ("hidden_size", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CompressError(f"student {name} must be at least 1, got {value}")
