@@ -28,11 +28,12 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = {"w4g128": (4, 128), "w4pc": (4, -1), "w3g128": (3, 128)}
 
 
-def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run a command; its wall time and the peak resident set of its process tree's main process."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "compress" / "bench-gptq"))
     parser.add_argument("--json", default="gptq-bench.json")
     args = parser.parse_args()
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     from compress.config import EvalConfig
     from compress.eval.harness import compare
@@ -99,7 +100,7 @@ def main() -> None:
             for r in range(args.repeats):  # rotate who goes first, so drifting load hits every method alike
                 for out, cmd, env in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
                     shutil.rmtree(out, ignore_errors=True)
-                    runs[out.name].append(run_measured(cmd, work / f"{out.name}.log", env=env))
+                    runs[out.name].append(run_measured(cmd, work / f"{out.name}.log", env=env, cwd=work))  # GPTQModel writes logs/ into its cwd
             for out, _, _ in jobs:
                 seconds = sorted(m["seconds"] for m in runs[out.name])
                 rows[out.name] = {"seconds": statistics.median(seconds), "all_seconds": seconds,
