@@ -192,29 +192,58 @@ def quantize_4bit(w: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, quant_typ
     """
     check_blocksize(blocksize)
     bounds, order = _bounds_and_order(quant_type)
-    bounds, order = bounds.to(w.device), order.to(w.device)
     flat = w.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
-    codes = torch.empty(n + n % 2, dtype=torch.int32, device=w.device)
+    codes = torch.zeros(n + n % 2, dtype=torch.uint8, device=w.device)
     blocks = flat[:full].view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     # multiply by the reciprocal (not divide), as bitsandbytes does: the codes depend on that rounding.
     # Values past +-1 by rounding need no clamp: they fall in the outermost bucket either way.
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
-    torch.bucketize(scaled.view(-1), bounds, out_int32=True, out=codes[:full])
+    _count_bounds_below(scaled.view(-1), bounds, codes[:full])
     if full < n:
         # the short last block divides, and keeps its clamped maximum, again as bitsandbytes does
         tail_max = flat[full:].abs().amax().clamp(min=1e-38)
-        torch.bucketize(flat[full:] / tail_max, bounds, out_int32=True, out=codes[full:n])
+        _count_bounds_below(flat[full:] / tail_max, bounds, codes[full:n])
         absmax = torch.cat([absmax, tail_max.view(1)])
     if n % 2:
-        codes[n] = torch.bucketize(torch.zeros((), device=w.device), bounds, out_int32=True)
-    if quant_type != "nf4":
-        codes = order.to(torch.int32)[codes]  # sorted slot -> index in the table's own order
-    pairs = codes.view(-1, 2).to(torch.uint8)
+        codes[n] = int((bounds < 0).sum())  # the pad value 0
+    pairs = codes.view(-1, 2)
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
+    if quant_type != "nf4":  # sorted slots -> the table's own indices, both nibbles of a byte at once
+        packed = _byte_map(quant_type).to(w.device)[packed.long()]
     return packed.view(-1, 1), absmax
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_map(quant_type: str) -> torch.Tensor:
+    """uint8 [256]: a byte of two sorted-slot nibbles -> the byte of the two table indices."""
+    order = _bounds_and_order(quant_type)[1].to(torch.uint8)
+    byte = torch.arange(256)
+    return (order[byte >> 4] << 4) | order[byte & 15]
+
+
+_CHUNK = 1 << 14  # values per pass of the comparisons below: small enough to stay in the CPU's cache
+
+
+def _count_bounds_below(x: torch.Tensor, bounds: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] (uint8) = the number of ``bounds`` strictly below x[i]: ``torch.bucketize(x, bounds)``.
+
+    Fifteen comparisons per value, chunk by chunk, measure several times faster than bucketize's binary
+    search on the CPU, and give the very same index (the same strict comparisons).
+    """
+    if x.device.type != "cpu":  # one kernel launch per chunk and bound would dominate on an accelerator
+        out.copy_(torch.bucketize(x, bounds.to(x.device)))
+        return
+    limits = bounds.tolist()
+    flag = torch.empty(min(_CHUNK, x.numel()), dtype=torch.bool, device=x.device)
+    for start in range(0, x.numel(), _CHUNK):
+        xs, cs = x[start:start + _CHUNK], out[start:start + _CHUNK]
+        f = flag[: xs.numel()]
+        for b in limits:
+            torch.gt(xs, b, out=f)
+            cs += f
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
