@@ -135,7 +135,7 @@ def train(folder: Path, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == RECIPE["steps"] - 1:
             log(f"step {step:4d}  loss {loss.item():.3f}  lr {lr_at(step):.2e}  {time.perf_counter() - start:.0f} s")
     ppl = heldout_perplexity(model, held, seqlen)
