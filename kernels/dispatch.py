@@ -134,6 +134,14 @@ def _describe(x: torch.Tensor, layer: dict) -> str:
     return f"device {x.device.type}, dtype {str(x.dtype).replace('torch.', '')}" + (f", {bits}-bit" if bits else "")
 
 
+def usable_backends(x: torch.Tensor, registry: dict | None = None, cache: dict | None = None, **layer) -> list[str]:
+    """Backends that would run this layer for x without being forced (plus the reference), best first."""
+    registry = GPTQ if registry is None else registry
+    names = [b.name for b in registry.values() if b.name != "reference" and b.applies(x, layer, False)
+             and _prepared(b, layer, cache) is not None]
+    return names + ["reference"]
+
+
 def choose_backend(x: torch.Tensor, force: str | None = None, registry: dict | None = None,
                    cache: dict | None = None, **layer) -> str:
     """The backend that ``gptq_matmul`` (or, with ``registry=NF4``, ``nf4_matmul``) would use."""
