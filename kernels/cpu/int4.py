@@ -8,6 +8,7 @@ Load-time conversion (``prepare``, once per layer, cached by the module):
 - the sorted channels form runs that share one group; the kernel sums ``x * q`` over a run, then
   applies the run's scale and zero once per output: ``s * sum(x q) - s z * sum(x)``. Any group size and
   any g_idx work, asymmetric or symmetric zeros alike (the zero is just a number per group and output);
+- the packed words are regrouped in panels of 16 outputs, each contiguous over K (see the C++ source);
 - scales and ``scale * zero`` are kept as float32 [G, N].
 
 The weight is never dequantized: memory stays at the packed codes plus 8 bytes per group and output.
@@ -69,11 +70,13 @@ def available() -> bool:
 class Int4CpuWeight:
     """A GPTQ int4 layer in the kernel's form.
 
-    qweight: int32 [ceil(K/8), N] (the stored one unless act-order repacked it); scales, scaled_zeros:
+    panels: int32 [N // 16, ceil(K/8), 16], the packed words regrouped by 16 outputs; edge: int32
+    [ceil(K/8), N % 16], the words of the last outputs; scales, scaled_zeros:
     float32 [G, N]; run_starts int32 [R + 1], run_groups int32 [R]; perm: int64 [K] or None.
     """
 
-    qweight: torch.Tensor
+    panels: torch.Tensor
+    edge: torch.Tensor
     scales: torch.Tensor
     scaled_zeros: torch.Tensor
     run_starts: torch.Tensor
@@ -107,7 +110,10 @@ def prepare(qweight, qzeros, scales, g_idx, bits, zero_offset=1, **_) -> Int4Cpu
     starts = torch.cat([torch.zeros(1, dtype=torch.long), change, torch.tensor([k])]).to(torch.int32)
     z = ((unpack_dim1(qzeros, 4, n) + zero_offset) & 15).float()  # [G, N]
     s = scales.float()
-    return Int4CpuWeight(qweight.contiguous(), s.contiguous(), (s * z).contiguous(), starts,
+    rows, full = qweight.shape[0], n - n % 16
+    panels = qweight[:, :full].reshape(rows, full // 16, 16).permute(1, 0, 2).contiguous()
+    edge = qweight[:, full:].contiguous()
+    return Int4CpuWeight(panels, edge, s.contiguous(), (s * z).contiguous(), starts,
                          g[starts[:-1].long()].to(torch.int32), perm, k, n)
 
 
@@ -125,7 +131,7 @@ def matmul(x: torch.Tensor, w: Int4CpuWeight, bias: torch.Tensor | None = None) 
     if w.perm is not None:
         x2 = torch.index_select(x2, 1, w.perm)  # (x2[:, perm] is 1000x slower here: a threaded index kernel)
     parallel = x2.shape[0] * w.in_features * w.out_features >= PARALLEL_WORK
-    y = extension().int4_matmul(x2.float().contiguous(), w.qweight, w.scales, w.scaled_zeros, w.run_starts,
+    y = extension().int4_matmul(x2.float().contiguous(), w.panels, w.edge, w.scales, w.scaled_zeros, w.run_starts,
                                 w.run_groups, parallel)
     if bias is not None:
         y += bias.float()
