@@ -71,14 +71,18 @@ def available_nf4_backends() -> list[str]:
 
 
 @contextlib.contextmanager
-def forced(name: str | None):
-    """Within the block, every quantized matmul of this thread uses backend ``name`` (None: automatic)."""
-    previous = getattr(_state, "force", None)
-    _state.force = name
+def forced(name: str | None, strict: bool = True):
+    """Within the block, every quantized matmul of this thread uses backend ``name`` (None: automatic).
+
+    strict=False: layers or inputs the backend cannot run (the CUDA GEMV and a prompt of many tokens)
+    take the automatic choice instead of raising.
+    """
+    previous = getattr(_state, "force", None), getattr(_state, "strict", True)
+    _state.force, _state.strict = name, strict
     try:
         yield
     finally:
-        _state.force = previous
+        _state.force, _state.strict = previous
 
 
 def _wanted(force: str | None) -> str | None:
@@ -104,13 +108,16 @@ def _prepared(backend: Backend, layer: dict, cache: dict | None):
     return value
 
 
-def _select(registry: dict[str, Backend], x: torch.Tensor, layer: dict, force: str | None, cache: dict | None):
-    wanted = _wanted(force)
+def _select(registry: dict[str, Backend], x: torch.Tensor, layer: dict, force: str | None, cache: dict | None,
+            automatic: bool = False):
+    wanted = None if automatic else _wanted(force)
     if wanted:
         if wanted not in registry:
             raise ValueError(f"{ENV_VAR}={wanted} is not a known kernel; choose one of {', '.join(registry)}")
         backend = registry[wanted]
         prepared = _prepared(backend, layer, cache) if backend.applies(x, layer, True) else None
+        if prepared is None and not force and getattr(_state, "force", None) == wanted and not _state.strict:
+            return _select(registry, x, layer, None, cache, automatic=True)
         if prepared is None:
             raise ValueError(f"kernel {wanted} does not support this layer ({_describe(x, layer)}); "
                              f"unset {ENV_VAR} or choose another of {', '.join(registry)}")

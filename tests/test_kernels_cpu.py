@@ -67,3 +67,11 @@ def test_quant_linear_converts_once_and_again_after_a_change():
     y2 = module(x)
     assert module._kernel_cache["cpu_int4"][1] is not prepared
     assert rel_error(y2, torch.nn.functional.linear(x, module.dequantize(), module.bias.float())) < 1e-5
+
+
+def test_benchmark_layers_are_valid_gptq_layers():
+    from compress_kernels import bench
+
+    layer = bench.random_gptq(48, 256, group=64)
+    x = torch.randn(2, 256)
+    assert rel_error(dispatch.gptq_matmul(x, **layer, force="cpu_int4"), _reference(x, layer)) < 1e-5

@@ -30,7 +30,7 @@ def test_forcing_a_backend_that_cannot_run_the_layer_says_so():
     layer = gptq_layer(64, 32, 32, bits=3)
     with pytest.raises(ValueError, match="does not support"):
         dispatch.gptq_matmul(torch.randn(1, 64), **layer, force="cpu_int4")
-    with pytest.raises(ValueError, match="does not support"):  # no GPU and no interpreter: no Triton
+    with pytest.raises(ValueError, match="does not support"):  # the CUDA GEMV needs a GPU
         dispatch.gptq_matmul(torch.randn(1, 64), **gptq_layer(64, 32, 32), force="cuda")
 
 
@@ -47,3 +47,13 @@ def test_fallback_to_reference_warns_once(monkeypatch):
     from compress_kernels import reference
 
     assert rel_error(y, reference.gptq_matmul(x, **layer)) == 0
+
+
+def test_lenient_forcing_leaves_what_the_backend_cannot_run_to_the_automatic_choice():
+    layer = gptq_layer(64, 32, 32, bits=3)
+    x = torch.randn(2, 64)
+    with dispatch.forced("cpu_int4", strict=False):
+        assert dispatch.choose_backend(x, **layer) == "reference"
+        assert dispatch.choose_backend(x, **gptq_layer(64, 32, 32)) == "cpu_int4"
+    with dispatch.forced("cpu_int4"), pytest.raises(ValueError, match="does not support"):
+        dispatch.choose_backend(x, **layer)

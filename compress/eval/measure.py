@@ -231,7 +231,7 @@ def decode_by_kernel(loaded: LoadedModel, decode_tokens: int, repeats: int, warm
     start_ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
     speeds = {}
     for name in names:
-        with dispatch.forced(name):
+        with dispatch.forced(name, strict=False):  # a one-row kernel leaves the prompt to the automatic choice
             speeds[name] = _decode_tok_s(model, device, start_ids, steps, repeats, warmup)
     return {"decode_tok_s_by_kernel": speeds}
 

@@ -124,7 +124,7 @@ def _configs(skinny: bool):
     for bn in (32, 64, 128):
         for bk in (64, 128, 256):
             for warps in (2, 4):
-                if skinny:
+                if skinny and bn * bk <= 16384:  # the one-row path holds a BLOCK_K x BLOCK_N product in registers
                     out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3))
                 elif bk <= 128:
                     for bm in (32, 64, 128):
