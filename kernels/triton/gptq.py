@@ -230,7 +230,6 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
     if m >= DEQUANT_MIN_M:
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), None if bias is None else bias.to(x.dtype))
         return y.reshape(*lead, n)
-    per_word = 32 // w.bits
     dummy = w.qweight  # stands in for absent optional pointers; never read
     args = (x2, w.qweight, w.scales, w.qzeros if w.qzeros is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
             w.lut if w.lut is not None else dummy, bias if bias is not None else dummy)
@@ -267,7 +266,6 @@ def matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
                                                                BLOCK_N=32, BLOCK_K=32)
         else:
             _tiled[grid](*args, out, *sizes, **meta, SPLIT_K=1)
-    assert per_word  # the kernels take PER_WORD from BITS
     return out.reshape(*lead, n)
 
 
