@@ -71,6 +71,8 @@ def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, 
     with measure.PeakMemory(device) as run_mem:
         if loaded.kind == "causal":
             latency = measure.causal_latency(loaded, cfg.seqlen, cfg.decode_tokens, repeats, warmup)
+            if cfg.latency:  # 4-bit models: decode speed under each kernel that can run them
+                latency.update(measure.decode_by_kernel(loaded, cfg.decode_tokens, repeats, warmup))
         else:
             latency = measure.encoder_latency(loaded, cfg.batch_size, cfg.latency_seqlen, repeats, warmup)
     if not cfg.latency:

@@ -178,6 +178,13 @@ def causal_latency(loaded: LoadedModel, seqlen: int, decode_tokens: int, repeats
     steps = max(1, min(decode_tokens, loaded.max_positions() - prompt_len))
     start_ids = prompt[:, :prompt_len]
 
+    return {"prefill_ms": prefill * 1e3, "prefill_tokens": prefill_len,
+            "decode_tok_s": _decode_tok_s(model, device, start_ids, steps, repeats, warmup)}
+
+
+def _decode_tok_s(model, device, start_ids, steps: int, repeats: int, warmup: int) -> float:
+    """Greedy decode speed at batch 1 after a prompt (the prompt's own forward pass is subtracted)."""
+
     def decode():
         out = model(input_ids=start_ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -187,8 +194,46 @@ def causal_latency(loaded: LoadedModel, seqlen: int, decode_tokens: int, repeats
 
     total = timed(decode, device, max(1, repeats // 2), min(warmup, 1))
     first = timed(lambda: model(input_ids=start_ids, use_cache=True), device, max(1, repeats // 2), 0)
-    return {"prefill_ms": prefill * 1e3, "prefill_tokens": prefill_len,
-            "decode_tok_s": steps / max(total - first, 1e-9)}
+    return steps / max(total - first, 1e-9)
+
+
+def kernel_backends(model: nn.Module, device: torch.device) -> list[str]:
+    """4-bit kernels (compress_kernels.dispatch) that can run every GPTQ-layout layer of the model on
+    ``device`` at batch 1, best first; empty for models without such layers."""
+    from compress_kernels import dispatch
+
+    from ..quant.linear import QuantLinear
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    names = None
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            x = torch.zeros(1, module.in_features, device=device, dtype=dtype)
+            here = dispatch.usable_backends(x, cache=module._kernel_cache, qweight=module.qweight, qzeros=module.qzeros,
+                                            scales=module.scales, g_idx=module.g_idx, bits=module.bits, bias=module.bias,
+                                            zero_offset=module.zero_offset)
+            names = here if names is None else [n for n in names if n in here]
+    return names or []
+
+
+@torch.inference_mode()
+def decode_by_kernel(loaded: LoadedModel, decode_tokens: int, repeats: int, warmup: int) -> dict:
+    """Decode tokens/s of a model with 4-bit layers under each kernel that can run it (two or more)."""
+    from compress_kernels import dispatch
+
+    model, device = loaded.model, loaded.device
+    names = kernel_backends(model, device)
+    if len(names) < 2:
+        return {}
+    prompt_len = min(16, max(1, loaded.max_positions() - decode_tokens))
+    steps = max(1, min(decode_tokens, loaded.max_positions() - prompt_len))
+    gen = torch.Generator().manual_seed(0)
+    start_ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen).to(device)
+    speeds = {}
+    for name in names:
+        with dispatch.forced(name, strict=False):  # a one-row kernel leaves the prompt to the automatic choice
+            speeds[name] = _decode_tok_s(model, device, start_ids, steps, repeats, warmup)
+    return {"decode_tok_s_by_kernel": speeds}
 
 
 @torch.inference_mode()

@@ -97,6 +97,10 @@ class Report:
             if "prefill_tokens" in r.latency:
                 notes.append(f"prefill: {r.latency['prefill_tokens']} tokens at batch 1")
                 break
+        for r in self.results:
+            by_kernel = r.latency.get("decode_tok_s_by_kernel")
+            if by_kernel:
+                notes.append(f"{r.name} decode tok/s by kernel: " + ", ".join(f"{k} {v:.1f}" for k, v in by_kernel.items()))
         notes.append(f"device {self.device}; KL, cosine and agreement are against the first row")
         return "(" + "; ".join(notes) + ")"
 

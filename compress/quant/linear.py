@@ -26,6 +26,15 @@ class QuantModule(nn.Module):
     in_features: int
     out_features: int
 
+    def __init__(self):
+        super().__init__()
+        # where kernels keep their load-time form of the weight (compress_kernels.dispatch); not state
+        self._kernel_cache: dict = {}
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache.clear()  # a moved or cast weight is converted again on first use
+        return super()._apply(fn, recurse)
+
     @property
     def num_weights(self) -> int:
         return self.in_features * self.out_features
@@ -80,7 +89,7 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dispatch.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                                    self.bias, self.zero_offset)
+                                    self.bias, self.zero_offset, cache=self._kernel_cache)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -78,7 +78,8 @@ class NF4Linear(QuantModule):
         compute = self.compute_dtype or x.dtype
         y = dispatch.nf4_matmul(
             x.to(compute), self.packed, self.absmax, self.quant_map, (self.out_features, self.in_features),
-            self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset, self.nested_blocksize, self.bias)
+            self.blocksize, self.nested_absmax, self.nested_quant_map, self.offset, self.nested_blocksize, self.bias,
+            cache=self._kernel_cache)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):

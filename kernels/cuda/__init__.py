@@ -1,0 +1,1 @@
+"""CUDA C++ kernels, built on first use with torch's extension loader."""
