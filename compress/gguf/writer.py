@@ -18,6 +18,8 @@ Type choice per tensor, as llama.cpp makes it:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +180,9 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise CompressError(f"output {out} must be a .gguf file path")
+    parent = out.absolute().parent
+    if parent.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise CompressError(f"cannot write {out}: {parent} is not a writable folder")
     arch = detect(folder)
     vocab = read_vocab(folder, arch.config.get("vocab_size"))
     replace = replace or {}
@@ -186,7 +191,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
         for t in tensors:
             if t.name in replace:
                 t.ggml_type = t.wanted = replace[t.name][0]
-        with atomic_output(out, overwrite=overwrite, is_file=True) as tmp:
+        with atomic_output(out, overwrite=overwrite, is_file=True) as tmp, _os_errors(out):
             writer = gguf.GGUFWriter(tmp, arch.name)
             writer.add_name(folder.name)
             writer.add_file_type(int(gguf.LlamaFileType[TYPES[export_type][1]]))
@@ -224,6 +229,15 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     for t in tensors:
         report.type_counts[t.ggml_type] = report.type_counts.get(t.ggml_type, 0) + 1
     return report
+
+
+@contextlib.contextmanager
+def _os_errors(out: Path):
+    """A full disk or a vanished folder while writing becomes one sentence, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise CompressError(f"cannot write {out} ({e.strerror or e})") from None
 
 
 def _progress(total: int):
