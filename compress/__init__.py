@@ -19,6 +19,7 @@ _EXPORTS = {
     "evaluate": ("compress.eval.harness", "compare"),
     "compare": ("compress.eval.harness", "compare"),
     "QuantLinear": ("compress.quant.linear", "QuantLinear"),
+    "export_gguf": ("compress.gguf.writer", "export_gguf"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

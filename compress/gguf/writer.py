@@ -75,9 +75,13 @@ class ExportReport:
         counts = ", ".join(f"{n} {t}" for t, n in sorted(self.type_counts.items()))
         lines = [f"wrote {self.path} ({self.arch}, {self.export_type}): {len(self.tensors)} tensors ({counts}), "
                  f"{self.file_bytes / 1e6:.2f} MB, {self.bits_per_weight:.2f} bits per weight, {self.seconds:.1f} s"]
+        groups: dict[tuple[str, int, str], list[str]] = {}
         for t in self.fallbacks:
-            lines.append(f"  {t.name}: rows of {t.shape[-1]} do not split into {t.wanted} blocks of "
-                         f"{BLOCK[t.wanted]}; written as {t.ggml_type}")
+            groups.setdefault((t.wanted, t.shape[-1], t.ggml_type), []).append(t.name)
+        for (wanted, row, got), names in groups.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"  rows of {row} do not split into {wanted} blocks of {BLOCK[wanted]}: "
+                         f"{len(names)} tensor(s) written as {got} ({shown})")
         return "\n".join(lines)
 
 
