@@ -160,3 +160,26 @@ def test_kquants_match_llama_quantize(wide_llama, wide_reference, tmp_path):
           for name in ("ours", "theirs")}
     assert kl["ours"] < 1.25 * kl["theirs"], kl
     assert abs((tmp_path / "ours.gguf").stat().st_size - (tmp_path / "theirs.gguf").stat().st_size) < 4096
+
+
+@pytest.mark.slow
+def test_reference_lm_own_tokenizer(tmp_path):
+    """The reference LM's own byte-level BPE (llama.cpp's converter refuses it): identical ids, same logits."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from compress.data import load_texts
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from reference_lm import ensure_reference_lm  # trains it (about 15 minutes) unless cached
+
+    src = ensure_reference_lm()
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    texts = SAMPLES + load_texts("builtin", "heldout")[:200]
+    check_tokenization(src, tmp_path / "m.gguf", texts)
+    ids = AutoTokenizer.from_pretrained(str(src))(" ".join(texts[8:20]))["input_ids"][:256]
+    reference = verify.transformers_logits(src, ids)
+    logits = verify.causal_logits(verify.open_model(tmp_path / "m.gguf"), ids)
+    assert verify.mean_kl(reference, logits) < 1e-5

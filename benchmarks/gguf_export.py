@@ -1,5 +1,7 @@
 """GGUF export: speed against llama.cpp's own converter, and every type verified in llama.cpp.
 
+(Named gguf_export.py because a benchmarks/gguf.py would shadow the gguf package on sys.path.)
+
 1. Speed (--speed): `compress export gguf` and llama.cpp's convert_hf_to_gguf.py (from the
    llama-cpp-python source distribution, run with its own gguf-py) convert the same model to f16 and
    q8_0, alternating, each in its own process: wall time and peak resident set, median of --repeats.
@@ -7,7 +9,7 @@
    compared with transformers on the same held-out tokens (max logit difference, mean per-token KL,
    llama.cpp perplexity), and of MiniLM (cosine of pooled embeddings on held-out paragraphs).
 
-    python benchmarks/gguf.py --speed --verify --llama-src /path/to/llama_cpp_python-0.3.36
+    python benchmarks/gguf_export.py --speed --verify --llama-src /path/to/llama_cpp_python-0.3.36
 """
 
 from __future__ import annotations
