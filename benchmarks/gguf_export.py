@@ -73,34 +73,70 @@ def speed(model: Path, llama_src: Path, repeats: int, work: Path) -> list[dict]:
     return rows
 
 
-def verify_lm(model: Path, types: list[str], tokens: int, window: int, work: Path) -> list[dict]:
-    import numpy as np
-    from transformers import AutoTokenizer
+class HeldOut:
+    """Held-out token windows of the reference LM and transformers' float32 logits on them."""
 
-    from compress.data import load_texts, token_stream
-    from compress.gguf import verify
+    def __init__(self, model: Path, tokens: int, window: int):
+        from transformers import AutoTokenizer
+
+        from compress.data import load_texts, token_stream
+        from compress.gguf import verify
+
+        tok = AutoTokenizer.from_pretrained(str(model))
+        ids = token_stream(load_texts("builtin", "heldout"), tok, tokens).tolist()
+        self.window = window
+        self.windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+        self.reference = [verify.transformers_logits(model, w) for w in self.windows]
+        self.ppl = _ppl(self.reference, self.windows)
+
+    def score(self, path: Path) -> dict:
+        """max |logit difference|, mean KL and perplexity of the GGUF file in llama.cpp."""
+        import numpy as np
+
+        from compress.gguf import verify
+
+        llm = verify.open_model(path, n_ctx=self.window)
+        got = [verify.causal_logits(llm, w) for w in self.windows]
+        return {"max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(self.reference, got)),
+                "kl": float(np.mean([verify.mean_kl(a, b) for a, b in zip(self.reference, got)])),
+                "ppl": _ppl(got, self.windows), "ppl_transformers": self.ppl}
+
+
+def verify_lm(model: Path, types: list[str], held: HeldOut, work: Path) -> list[dict]:
     from compress.gguf.writer import export_gguf
 
-    tok = AutoTokenizer.from_pretrained(str(model))
-    ids = token_stream(load_texts("builtin", "heldout"), tok, tokens).tolist()
-    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
-    reference = [verify.transformers_logits(model, w) for w in windows]
-    ref_ppl = _ppl(reference, windows)
     rows = []
     for export_type in types:
         path = work / f"lm-{export_type}.gguf"
         report = export_gguf(model, path, export_type, overwrite=True)
-        llm = verify.open_model(path, n_ctx=window)
-        got = [verify.causal_logits(llm, w) for w in windows]
         row = {"model": "reference-lm", "type": export_type, "mb": report.file_bytes / 1e6,
-               "bpw": report.bits_per_weight, "export_s": report.seconds,
-               "max_logit_diff": max(float(np.abs(a - b).max()) for a, b in zip(reference, got)),
-               "kl": float(np.mean([verify.mean_kl(a, b) for a, b in zip(reference, got)])),
-               "ppl": _ppl(got, windows), "ppl_transformers": ref_ppl,
-               "fallbacks": len(report.fallbacks)}
+               "bpw": report.bits_per_weight, "fallbacks": len(report.fallbacks), **held.score(path)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del llm
+        path.unlink()
+    return rows
+
+
+def calibrated(model: Path, gptq_asym: Path, gptq_sym: Path, held: HeldOut, imatrix_samples: int, work: Path) -> list[dict]:
+    """Plain against calibrated 4-bit files of the same size: GPTQ carried into Q4_0/Q4_1, imatrix k-quants."""
+    from compress.gguf.calibrated import gptq_blocks, importance_matrix
+    from compress.gguf.writer import export_gguf
+
+    start = time.perf_counter()
+    imatrix = importance_matrix(model, "builtin", nsamples=imatrix_samples, seqlen=256)
+    imatrix_s = time.perf_counter() - start
+    variants = [("q4_0", "plain", {}), ("q4_0", "gptq sym g32", {"replace": gptq_blocks(model, gptq_sym, "q4_0")}),
+                ("q4_1", "plain", {}), ("q4_1", "gptq asym g32", {"replace": gptq_blocks(model, gptq_asym, "q4_1")}),
+                ("q4_k", "plain", {}), ("q4_k", "imatrix", {"importance": imatrix}),
+                ("q4_k_m", "plain", {}), ("q4_k_m", "imatrix", {"importance": imatrix})]
+    rows = []
+    for export_type, how, extra in variants:
+        path = work / "cal.gguf"
+        report = export_gguf(model, path, export_type, overwrite=True, **extra)
+        row = {"type": export_type, "how": how, "bytes": report.file_bytes, "bpw": report.bits_per_weight,
+               "imatrix_s": imatrix_s if how == "imatrix" else None, **held.score(path)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
         path.unlink()
     return rows
 
@@ -153,6 +189,10 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored per type")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--samples", type=int, default=64, help="held-out paragraphs for MiniLM")
+    p.add_argument("--calibrated", action="store_true", help="plain vs GPTQ-carried and imatrix 4-bit files")
+    p.add_argument("--gptq-asym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --asym")
+    p.add_argument("--gptq-sym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --sym")
+    p.add_argument("--imatrix-samples", type=int, default=128, help="calibration samples of 256 tokens")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print("uptime:", os.getloadavg(), flush=True)
@@ -163,10 +203,16 @@ def main() -> None:
             if args.llama_src is None:
                 raise SystemExit("--speed needs --llama-src (the unpacked llama-cpp-python sdist)")
             results["speed"] = speed(model_path(args.speed_model), args.llama_src, args.repeats, work)
+        held = HeldOut(model_path("reference-lm"), args.tokens, args.window) if args.verify or args.calibrated else None
         if args.verify:
             types = args.types.split(",")
-            results["lm"] = verify_lm(model_path("reference-lm"), types, args.tokens, args.window, work)
+            results["lm"] = verify_lm(model_path("reference-lm"), types, held, work)
             results["minilm"] = verify_embeddings(model_path("minilm"), types, args.samples, work)
+        if args.calibrated:
+            if not (args.gptq_asym and args.gptq_sym):
+                raise SystemExit("--calibrated needs --gptq-asym and --gptq-sym checkpoints of the reference LM")
+            results["calibrated"] = calibrated(model_path("reference-lm"), args.gptq_asym, args.gptq_sym, held,
+                                               args.imatrix_samples, work)
     print("uptime:", os.getloadavg(), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
