@@ -146,7 +146,7 @@ def test_unsupported_tokenizer_kind(tiny_model, tmp_path):
     shutil.copytree(tiny_model("llama"), src)
     spec = json.loads((src / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Whitespace"},
-                                                                    {"type": "ByteLevel", "add_prefix_space": False}]}
+                                                                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     (src / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(CompressError, match="pre-tokenizer .* has no llama.cpp equivalent"):
         export_gguf(src, tmp_path / "x.gguf", "f16")

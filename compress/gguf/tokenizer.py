@@ -93,7 +93,6 @@ def read_vocab(folder: str | Path, vocab_size: int | None = None) -> Vocab:
         kind = spec["model"]["type"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CompressError(f"{path} is not a valid tokenizer file ({e})") from None
-    hf = _load_hf(folder)
     if kind == "WordPiece":
         vocab = _wordpiece(spec)
     elif kind == "BPE" and spec["model"].get("byte_fallback"):
@@ -104,7 +103,10 @@ def read_vocab(folder: str | Path, vocab_size: int | None = None) -> Vocab:
         vocab = _unigram(spec)
     else:
         raise CompressError(f"tokenizer model type {kind} cannot be exported to GGUF; supported: {SUPPORTED}")
-    _add_special(vocab, spec, hf)
+    _add_special(vocab, spec, _load_hf(folder))
+    if vocab_size is not None and vocab_size < len(vocab.tokens):
+        raise CompressError(f"the tokenizer has {len(vocab.tokens)} tokens but the model only {vocab_size} embedding rows; "
+                            f"llama.cpp needs one row per token")
     if vocab_size is not None and vocab_size > len(vocab.tokens):
         for i in range(len(vocab.tokens), vocab_size):
             vocab.tokens.append(f"[PAD{i}]")
