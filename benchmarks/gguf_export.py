@@ -141,6 +141,34 @@ def calibrated(model: Path, gptq_asym: Path, gptq_sym: Path, held: HeldOut, imat
     return rows
 
 
+def versus_llama_quantize(model: Path, held: HeldOut, work: Path) -> list[dict]:
+    """Our k-quant files against llama.cpp's llama-quantize run on our f32 export (same tensors, same mix)."""
+    import ctypes
+
+    import llama_cpp
+
+    from compress.gguf.writer import export_gguf
+
+    f32 = work / "f32.gguf"
+    export_gguf(model, f32, "f32", overwrite=True)
+    ftypes = {"q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+              "q5_k": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+    rows = []
+    for export_type, ftype in ftypes.items():
+        ours, theirs = work / "ours.gguf", work / "theirs.gguf"
+        export_gguf(model, ours, export_type, overwrite=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, ftype)
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama_model_quantize failed for {ftype}")
+        a, b = held.score(ours), held.score(theirs)
+        row = {"type": export_type, "ours_bytes": ours.stat().st_size, "theirs_bytes": theirs.stat().st_size,
+               "ours_kl": a["kl"], "theirs_kl": b["kl"], "ours_ppl": a["ppl"], "theirs_ppl": b["ppl"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def _ppl(logits: list, windows: list[list[int]]) -> float:
     import numpy as np
 
@@ -193,6 +221,7 @@ def main() -> None:
     p.add_argument("--gptq-asym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --asym")
     p.add_argument("--gptq-sym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --sym")
     p.add_argument("--imatrix-samples", type=int, default=128, help="calibration samples of 256 tokens")
+    p.add_argument("--vs-llama-quantize", action="store_true", help="our k-quants against llama-quantize's")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print("uptime:", os.getloadavg(), flush=True)
@@ -203,11 +232,13 @@ def main() -> None:
             if args.llama_src is None:
                 raise SystemExit("--speed needs --llama-src (the unpacked llama-cpp-python sdist)")
             results["speed"] = speed(model_path(args.speed_model), args.llama_src, args.repeats, work)
-        held = HeldOut(model_path("reference-lm"), args.tokens, args.window) if args.verify or args.calibrated else None
+        held = HeldOut(model_path("reference-lm"), args.tokens, args.window) if args.verify or args.calibrated or args.vs_llama_quantize else None
         if args.verify:
             types = args.types.split(",")
             results["lm"] = verify_lm(model_path("reference-lm"), types, held, work)
             results["minilm"] = verify_embeddings(model_path("minilm"), types, args.samples, work)
+        if args.vs_llama_quantize:
+            results["vs_llama_quantize"] = versus_llama_quantize(model_path("reference-lm"), held, work)
         if args.calibrated:
             if not (args.gptq_asym and args.gptq_sym):
                 raise SystemExit("--calibrated needs --gptq-asym and --gptq-sym checkpoints of the reference LM")
