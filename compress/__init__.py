@@ -26,6 +26,7 @@ _EXPORTS = {
     "distill_model": ("compress.distill.pipeline", "distill_model"),
     "finetune_model": ("compress.distill.pipeline", "finetune_model"),
     "NF4Linear": ("compress.quant.nf4_linear", "NF4Linear"),
+    "export_gguf": ("compress.gguf.writer", "export_gguf"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,153 @@
+"""GGUF export read back with the gguf package: metadata, tensor names and values, type policy, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is needed for GGUF export (pip install 'compress[gguf]')")
+
+from compress.errors import CompressError  # noqa: E402
+from compress.gguf.arch import permute_rotary  # noqa: E402
+from compress.gguf.tokenizer import bpe_pre_type  # noqa: E402
+from compress.gguf.writer import choose_type, export_gguf, fit_to_rows  # noqa: E402
+from test_cli import assert_clean_error, run  # noqa: E402
+
+
+def fields(reader):
+    out = {}
+    for name, f in reader.fields.items():
+        if not f.types:
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            out[name] = len(f.data)
+        else:
+            out[name] = f.contents()
+    return out
+
+
+def test_llama_f32_round_trip(tiny_model, tmp_path, hash_tree):
+    src = tiny_model("llama")
+    before = hash_tree(src)
+    report = export_gguf(src, tmp_path / "m.gguf", "f32")
+    assert hash_tree(src) == before
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    meta = fields(reader)
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 64
+    assert meta["llama.attention.head_count"] == 4 and meta["llama.attention.head_count_kv"] == 2
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"] == 320 and meta["tokenizer.ggml.merges"] > 0
+    weights = load_file(src / "model.safetensors")
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == len(report.tensors) == 2 + 1 + 2 * 9
+    emb = np.asarray(tensors["token_embd.weight"].data)
+    assert np.array_equal(emb, weights["model.embed_tokens.weight"].numpy())
+    q = np.asarray(tensors["blk.1.attn_q.weight"].data)
+    assert np.array_equal(q, permute_rotary(weights["model.layers.1.self_attn.q_proj.weight"].numpy(), 4))
+    k = np.asarray(tensors["blk.0.attn_k.weight"].data)
+    assert np.array_equal(k, permute_rotary(weights["model.layers.0.self_attn.k_proj.weight"].numpy(), 2))
+
+
+def test_qwen2_keeps_biases_unpermuted(tiny_model, tmp_path):
+    src = tiny_model("qwen2")
+    export_gguf(src, tmp_path / "q.gguf", "q8_0")
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert fields(reader)["general.architecture"] == "qwen2"
+    weights = load_file(src / "model.safetensors")
+    bias = np.asarray(tensors["blk.0.attn_q.bias"].data)
+    assert np.array_equal(bias, weights["model.layers.0.self_attn.q_proj.bias"].numpy())
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    # rows of 80 (ffn_down's input) do not split into blocks of 32: float16, as llama.cpp does
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+def test_minilm_embedding_metadata(minilm, tmp_path):
+    report = export_gguf(minilm, tmp_path / "e.gguf", "f16")
+    meta = fields(gguf.GGUFReader(tmp_path / "e.gguf"))
+    assert meta["general.architecture"] == "bert"
+    assert meta["bert.pooling_type"] == 1  # mean, from 1_Pooling/config.json
+    assert meta["bert.attention.causal"] is False
+    assert meta["tokenizer.ggml.model"] == "bert" and meta["tokenizer.ggml.tokens"] == 30522
+    assert meta["tokenizer.ggml.bos_token_id"] == 101 and meta["tokenizer.ggml.seperator_token_id"] == 102
+    assert report.type_counts == {"F16": 37, "F32": 64}
+
+
+def test_type_policy():
+    # the q4_k_m mix: output and the more-bits layers' attn_v / ffn_down get Q6_K, the rest Q4_K
+    assert choose_type("output.weight", (4096, 512), "q4_k_m", 8, False) == "Q6_K"
+    assert choose_type("blk.0.attn_v.weight", (512, 512), "q4_k_m", 8, False) == "Q6_K"
+    assert choose_type("blk.1.attn_v.weight", (512, 512), "q4_k_m", 8, False) == "Q4_K"
+    assert choose_type("blk.3.ffn_down.weight", (512, 512), "q5_k_m", 8, False) == "Q6_K"
+    assert choose_type("blk.7.ffn_down.weight", (512, 512), "q5_k_m", 8, False) == "Q6_K"
+    assert choose_type("blk.1.attn_q.weight", (512, 512), "q5_k_m", 8, False) == "Q5_K"
+    assert choose_type("token_embd.weight", (4096, 512), "q4_k_m", 8, True) == "Q6_K"
+    assert choose_type("blk.0.attn_norm.weight", (512,), "q4_0", 8, False) == "F32"
+    assert choose_type("position_embd.weight", (512, 384), "q8_0", 6, False) == "F32"
+    # llama.cpp's fallbacks for rows that do not fill a block
+    assert fit_to_rows("Q4_K", 384) == "Q5_0" and fit_to_rows("Q5_K", 384) == "Q5_1"
+    assert fit_to_rows("Q6_K", 96) == "Q8_0" and fit_to_rows("Q4_0", 80) == "F16"
+    assert fit_to_rows("Q4_K", 512) == "Q4_K"
+
+
+def test_bpe_pre_tokenizer_mapping():
+    assert bpe_pre_type({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    seq = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    assert bpe_pre_type(seq) == "llama-bpe"
+    seq["pretokenizers"][0]["pattern"]["Regex"] = llama3.replace("{1,3}", "")
+    assert bpe_pre_type(seq) == "qwen2"
+    seq["pretokenizers"][0]["pattern"]["Regex"] = r"\w+"
+    with pytest.raises(CompressError, match="matches no llama.cpp pre-tokenizer"):
+        bpe_pre_type(seq)
+    with pytest.raises(CompressError, match="no llama.cpp equivalent"):
+        bpe_pre_type({"type": "Whitespace"})
+
+
+def test_bad_inputs_library(tiny_model, tmp_path):
+    with pytest.raises(CompressError, match="unknown GGUF type 'q3_x'"):
+        export_gguf(tiny_model("llama"), tmp_path / "a.gguf", "q3_x")
+    with pytest.raises(CompressError, match="does not support model type 'opt'.*Llama, Mistral, Qwen2"):
+        export_gguf(tiny_model("opt"), tmp_path / "a.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_and_bad_inputs(tiny_model, tmp_path):
+    out = tmp_path / "m.gguf"
+    proc = run("export", "gguf", "--model", tiny_model("mistral"), "--out", out, "--type", "q4_k_m")
+    assert proc.returncode == 0, proc.stderr
+    assert "q4_k_m" in proc.stdout and "written as F16" in proc.stdout
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+
+    assert_clean_error(run("export", "gguf", "--model", tiny_model("gpt2"), "--out", tmp_path / "g.gguf"),
+                       "model type 'gpt2'", "supported")
+    assert_clean_error(run("export", "gguf", "--model", tiny_model("llama"), "--out", tmp_path / "t.gguf",
+                           "--type", "q9"), "unknown GGUF type 'q9'")
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model("llama"), no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    assert_clean_error(run("export", "gguf", "--model", no_tok, "--out", tmp_path / "n.gguf"), "no tokenizer.json")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_clean_error(run("export", "gguf", "--model", tiny_model("llama"), "--out", blocker / "m.gguf"),
+                       "is not a writable folder")
+    assert_clean_error(run("export"), "choose an export format")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "m.gguf", "no-tokenizer"]
+
+
+def test_unsupported_tokenizer_kind(tiny_model, tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), src)
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Whitespace"},
+                                                                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(CompressError, match="pre-tokenizer .* has no llama.cpp equivalent"):
+        export_gguf(src, tmp_path / "x.gguf", "f16")
+    assert not (tmp_path / "x.gguf").exists()
