@@ -2,9 +2,15 @@ import hashlib
 import os
 from pathlib import Path
 
-import pytest
+# Triton reads its interpreter switch once, when it is first imported, and libraries imported while the
+# tests are collected (transformers, accelerate, bitsandbytes) may import it: set it before any of them.
+# Without a GPU the Triton kernels can only run in the interpreter.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import tiny
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
