@@ -19,51 +19,29 @@ much slower than fp32 F.linear on this project's CPUs (see BENCHMARKS.md), so it
 
 from __future__ import annotations
 
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..build import LazyExtension
 from ..reference import unpack_dim0, unpack_dim1
 
 # multiply-adds below which one thread does the whole product: at M=1 and M=16 on 4096 x 4096 a single
 # thread was 4x and 3x faster than two on the 2-core machine of BENCHMARKS.md (thread wake-ups dominate)
 PARALLEL_WORK = 1 << 30
-_SOURCE = Path(__file__).with_name("int4_matmul.cpp")
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
+_EXTENSION = LazyExtension("compress_int4_cpu", [str(Path(__file__).with_name("int4_matmul.cpp"))],
+                           "CPU int4 kernel", "the slower reference", extra_cflags=["-O3", "-march=native", "-fopenmp"])
 
 
 def extension():
     """The compiled C++ module (built on first use, then cached by torch under TORCH_EXTENSIONS_DIR)."""
-    global _module, _failed
-    with _lock:
-        if _module is None and _failed is None:
-            from torch.utils.cpp_extension import load
-
-            try:
-                _module = load(name="compress_int4_cpu", sources=[str(_SOURCE)],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                               verbose=False)
-            except Exception as exc:  # no compiler, or a build error: the dispatcher moves on
-                _failed = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                warnings.warn(f"the CPU int4 kernel could not be built ({_failed}); using the slower reference",
-                              RuntimeWarning, stacklevel=2)
-        if _module is None:
-            raise RuntimeError(f"the CPU int4 kernel is unavailable: {_failed}")
-        return _module
+    return _EXTENSION.get()
 
 
 def available() -> bool:
     """Whether the CPU kernel builds (and loads) here; the first call pays the build."""
-    try:
-        extension()
-        return True
-    except RuntimeError:
-        return False
+    return _EXTENSION.available()
 
 
 @dataclass

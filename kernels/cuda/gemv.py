@@ -8,50 +8,28 @@ that are multiples of 8 after sorting, and N a multiple of 4 (16-byte loads). Ot
 
 from __future__ import annotations
 
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..build import LazyExtension
 from ..reference import unpack_dim0
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "gemv_int4.cpp", _HERE / "gemv_int4.cu")
-_lock = threading.Lock()
-_module = None
-_failed: str | None = None
+_EXTENSION = LazyExtension("compress_gemv_int4", [str(p) for p in SOURCES],
+                           "CUDA int4 GEMV", "Triton or the reference", extra_cuda_cflags=["-O3"])
 
 
 def extension():
     """The compiled extension; raises RuntimeError when it cannot be built (no CUDA toolkit, no GPU build)."""
-    global _module, _failed
-    with _lock:
-        if _module is None and _failed is None:
-            try:
-                from torch.utils.cpp_extension import load
-
-                _module = load(name="compress_gemv_int4", sources=[str(p) for p in SOURCES],
-                               extra_cuda_cflags=["-O3"], verbose=False)
-            except Exception as exc:
-                _failed = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-                warnings.warn(f"the CUDA int4 GEMV could not be built ({_failed}); using Triton or the reference",
-                              RuntimeWarning, stacklevel=2)
-        if _module is None:
-            raise RuntimeError(f"the CUDA int4 GEMV is unavailable: {_failed}")
-        return _module
+    return _EXTENSION.get()
 
 
 def available() -> bool:
     """Whether a GPU is present and the extension builds (the first call pays the build)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        extension()
-        return True
-    except RuntimeError:
-        return False
+    return torch.cuda.is_available() and _EXTENSION.available()
 
 
 @dataclass
