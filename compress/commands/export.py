@@ -40,7 +40,7 @@ def missing_format(args) -> None:
 
 def run(args) -> None:
     from ..gguf.writer import TYPES, export_gguf
-    from ..models import default_model_path
+    from ..files import default_model_path
 
     if args.type not in TYPES:
         raise CompressError(f"unknown GGUF type '{args.type}'; choose one of {', '.join(TYPES)}")

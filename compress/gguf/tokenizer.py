@@ -11,8 +11,12 @@ Three kinds are written, read from the folder's tokenizer.json (the fast tokeniz
 - WordPiece ("bert"): tokens rewritten to llama.cpp's phantom-space form (a word start gets U+2581,
   a continuation loses its "##").
 
-Special tokens (bos, eos, unk, pad, sep, cls, mask) and whether encoding adds bos/eos come from the
-transformers tokenizer itself, so they agree with what the model was trained with.
+Special tokens (bos, eos, unk, pad, sep, cls, mask) and whether encoding adds bos/eos are what the
+transformers tokenizer reports, so they agree with what the model was trained with. For tokenizer
+classes that add nothing to tokenizer.json's own behaviour (the generic fast tokenizer, BERT, GPT-2,
+Qwen2) they are read from the folder's JSON files and the `tokenizers` library directly, which gives
+the same answer without importing transformers (seconds and hundreds of MB, more than exporting a
+small model takes); any other class is asked through transformers' AutoTokenizer.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def read_vocab(folder: str | Path, vocab_size: int | None = None) -> Vocab:
         vocab = _unigram(spec)
     else:
         raise CompressError(f"tokenizer model type {kind} cannot be exported to GGUF; supported: {SUPPORTED}")
-    _add_special(vocab, spec, _load_hf(folder))
+    _add_special(vocab, spec, folder)
     if vocab_size is not None and vocab_size < len(vocab.tokens):
         raise CompressError(f"the tokenizer has {len(vocab.tokens)} tokens but the model only {vocab_size} embedding rows; "
                             f"llama.cpp needs one row per token")
@@ -225,18 +229,77 @@ def _wordpiece(spec: dict) -> Vocab:
     return Vocab("bert", "default", [phantom(t, k) for t, k in zip(tokens, types)], types)
 
 
-def _add_special(vocab: Vocab, spec: dict, hf) -> None:
-    for name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask"):
-        token_id = getattr(hf, f"{name}_token_id", None)
-        if isinstance(token_id, int) and 0 <= token_id < len(vocab.tokens):
-            vocab.special[name] = token_id
+# tokenizer classes whose special tokens and templates are exactly what their files say
+PLAIN_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend", "BertTokenizer", "BertTokenizerFast",
+                 "GPT2Tokenizer", "GPT2TokenizerFast", "Qwen2Tokenizer", "Qwen2TokenizerFast"}
+SPECIAL_NAMES = ("bos", "eos", "unk", "pad", "sep", "cls", "mask")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def special_from_files(folder: Path, spec: dict) -> tuple[dict[str, int], bool, bool] | None:
+    """(special token ids, adds bos, adds eos) from the folder's files, or None when transformers must be asked.
+
+    Token strings come from tokenizer_config.json (then special_tokens_map.json), ids from
+    tokenizer.json's added tokens and vocabulary; whether encoding adds bos/eos from running the
+    tokenizer.json post-processor on one word with and without special tokens.
+    """
+    config = _read_json(folder / "tokenizer_config.json")
+    if config.get("tokenizer_class") not in PLAIN_CLASSES or "add_bos_token" in config or "add_eos_token" in config:
+        return None
+    mapped = _read_json(folder / "special_tokens_map.json")
+    added = {a["content"]: a["id"] for a in spec.get("added_tokens", [])}
+    model = spec["model"]
+    pieces = model["vocab"]
+    lookup = {p[0]: i for i, p in enumerate(pieces)} if isinstance(pieces, list) else pieces
+    special = {}
+    for name in SPECIAL_NAMES:
+        value = config.get(f"{name}_token", mapped.get(f"{name}_token"))
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            token_id = added.get(value, lookup.get(value))
+            if isinstance(token_id, int):
+                special[name] = token_id
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(spec))
+    ids, plain = tok.encode("a", add_special_tokens=True).ids, tok.encode("a", add_special_tokens=False).ids
+    grew = len(ids) > len(plain)
+    return special, grew and ids[0] == special.get("bos", -1), grew and ids[-1] == special.get("eos", -1)
+
+
+def _add_special(vocab: Vocab, spec: dict, folder: Path) -> None:
+    lean = special_from_files(folder, spec)
+    if lean is None:
+        special, add_bos, add_eos = _special_from_transformers(folder)
+    else:
+        special, add_bos, add_eos = lean
+    vocab.special = {k: v for k, v in special.items() if 0 <= v < len(vocab.tokens)}
     if vocab.model == "bert":
         # llama.cpp frames a WordPiece sequence as bos ... sep: the classifier token is its bos
         if "cls" in vocab.special:
             vocab.special["bos"] = vocab.special["cls"]
         vocab.add_bos, vocab.add_sep = "cls" in vocab.special, "sep" in vocab.special
         return
+    vocab.add_bos, vocab.add_eos = add_bos, add_eos
+
+
+def _special_from_transformers(folder: Path) -> tuple[dict[str, int], bool, bool]:
+    """What :func:`special_from_files` reads, as transformers' own tokenizer reports it."""
+    hf = _load_hf(folder)
+    special = {}
+    for name in SPECIAL_NAMES:
+        token_id = getattr(hf, f"{name}_token_id", None)
+        if isinstance(token_id, int):
+            special[name] = token_id
     ids = hf("a", add_special_tokens=True)["input_ids"]
     plain = hf("a", add_special_tokens=False)["input_ids"]
-    vocab.add_bos = len(ids) > len(plain) and ids[0] == vocab.special.get("bos", -1)
-    vocab.add_eos = len(ids) > len(plain) and ids[-1] == vocab.special.get("eos", -1)
+    grew = len(ids) > len(plain)
+    return special, grew and ids[0] == special.get("bos", -1), grew and ids[-1] == special.get("eos", -1)

@@ -147,9 +147,9 @@ def plan(reader, arch, export_type: str) -> list[TensorPlan]:
         name = arch.tensor_names(hf_name)
         if name is None:
             continue
-        dtype, shape = reader.info(hf_name)
-        if not dtype.is_floating_point:
-            raise CompressError(f"tensor {hf_name} has dtype {dtype}; GGUF export needs a floating-point checkpoint")
+        is_float, shape = reader.info(hf_name)
+        if not is_float:
+            raise CompressError(f"tensor {hf_name} is not floating point; GGUF export needs a floating-point checkpoint")
         wanted = choose_type(name, shape, export_type, arch.n_layers, arch.tied_output)
         out.append(TensorPlan(hf_name, name, tuple(shape), fit_to_rows(wanted, shape[-1]), wanted))
     if not any(t.name == "token_embd.weight" for t in out):
@@ -171,8 +171,9 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     """
     import gguf
 
-    from ..checkpoint import CheckpointReader, atomic_output
+    from ..files import atomic_output
     from .arch import detect
+    from .source import open_tensors
     from .tokenizer import read_vocab
 
     start = time.perf_counter()
@@ -190,7 +191,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     arch = detect(folder)
     vocab = read_vocab(folder, arch.config.get("vocab_size"))
     replace = replace or {}
-    with CheckpointReader(folder) as reader:
+    with open_tensors(folder) as reader:
         tensors = plan(reader, arch, export_type)
         for t in tensors:
             if t.name in replace:
@@ -213,13 +214,12 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
                 if t.name in replace:
                     data = np.ascontiguousarray(replace[t.name][1])
                 else:
-                    tensor = reader.get(t.hf_name)
-                    values = tensor.float().numpy()
+                    values = reader.get(t.hf_name)
                     if not np.isfinite(values).all():
                         raise CompressError(f"tensor {t.hf_name} contains NaN or Inf values; the model is damaged")
                     values = arch.transform(t.name, values)
                     data = encode(values, t.ggml_type, (importance or {}).get(t.name))
-                    del tensor, values
+                    del values
                 if data.nbytes != nbytes(t.shape, t.ggml_type):
                     raise CompressError(f"tensor {t.name} encoded to {data.nbytes} bytes, expected {nbytes(t.shape, t.ggml_type)}")
                 writer.write_tensor_data(data)
