@@ -95,7 +95,7 @@ class HeldOut:
         ids = token_stream(load_texts("builtin", "heldout"), tok, tokens).tolist()
         self.window = window
         self.windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
-        self.reference = [verify.transformers_logits(model, w) for w in self.windows]
+        self.reference = verify.transformers_logits(model, self.windows)
         self.ppl = _ppl(self.reference, self.windows)
 
     def score(self, path: Path) -> dict:
@@ -126,18 +126,30 @@ def verify_lm(model: Path, types: list[str], held: HeldOut, work: Path) -> list[
     return rows
 
 
-def calibrated(model: Path, gptq_asym: Path, gptq_sym: Path, held: HeldOut, imatrix_samples: int, work: Path) -> list[dict]:
-    """Plain against calibrated 4-bit files of the same size: GPTQ carried into Q4_0/Q4_1, imatrix k-quants."""
+def calibrated(model: Path, checkpoints: list[tuple[str, Path]], held: HeldOut, imatrix_samples: int,
+               work: Path) -> list[dict]:
+    """Plain against calibrated 4-bit files of the same size: GPTQ carried into Q4_0/Q4_1, imatrix k-quants.
+
+    checkpoints: (label, GPTQ g32 folder); a symmetric one is carried into Q4_0 and Q4_1, an
+    asymmetric one into Q4_1. imatrix_samples 0 leaves out the importance-matrix rows.
+    """
     from compress.gguf.calibrated import gptq_blocks, importance_matrix
     from compress.gguf.writer import export_gguf
 
-    start = time.perf_counter()
-    imatrix = importance_matrix(model, "builtin", nsamples=imatrix_samples, seqlen=256)
-    imatrix_s = time.perf_counter() - start
-    variants = [("q4_0", "plain", {}), ("q4_0", "gptq sym g32", {"replace": gptq_blocks(model, gptq_sym, "q4_0")}),
-                ("q4_1", "plain", {}), ("q4_1", "gptq asym g32", {"replace": gptq_blocks(model, gptq_asym, "q4_1")}),
-                ("q4_k", "plain", {}), ("q4_k", "imatrix", {"importance": imatrix}),
-                ("q4_k_m", "plain", {}), ("q4_k_m", "imatrix", {"importance": imatrix})]
+    variants = []
+    for export_type in ("q4_0", "q4_1"):
+        variants.append((export_type, "plain", {}))
+        for label, folder in checkpoints:
+            sym = json.loads((folder / "config.json").read_text())["quantization_config"]["sym"]
+            if sym or export_type == "q4_1":
+                variants.append((export_type, f"gptq {label}", {"replace": gptq_blocks(model, folder, export_type)}))
+    imatrix_s = None
+    if imatrix_samples:
+        start = time.perf_counter()
+        imatrix = importance_matrix(model, "builtin", nsamples=imatrix_samples, seqlen=256)
+        imatrix_s = time.perf_counter() - start
+        variants += [("q4_k", "plain", {}), ("q4_k", "imatrix", {"importance": imatrix}),
+                     ("q4_k_m", "plain", {}), ("q4_k_m", "imatrix", {"importance": imatrix})]
     rows = []
     for export_type, how, extra in variants:
         path = work / "cal.gguf"
@@ -227,9 +239,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--samples", type=int, default=64, help="held-out paragraphs for MiniLM")
     p.add_argument("--calibrated", action="store_true", help="plain vs GPTQ-carried and imatrix 4-bit files")
-    p.add_argument("--gptq-asym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --asym")
-    p.add_argument("--gptq-sym", type=Path, help="reference LM quantized with --bits 4 --group-size 32 --sym")
-    p.add_argument("--imatrix-samples", type=int, default=128, help="calibration samples of 256 tokens")
+    p.add_argument("--gptq", action="append", default=[], metavar="LABEL=PATH",
+                   help="a GPTQ --bits 4 --group-size 32 checkpoint of the reference LM (repeatable)")
+    p.add_argument("--imatrix-samples", type=int, default=128, help="calibration samples of 256 tokens (0: no imatrix rows)")
     p.add_argument("--vs-llama-quantize", action="store_true", help="our k-quants against llama-quantize's")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -249,10 +261,10 @@ def main() -> None:
         if args.vs_llama_quantize:
             results["vs_llama_quantize"] = versus_llama_quantize(model_path("reference-lm"), held, work)
         if args.calibrated:
-            if not (args.gptq_asym and args.gptq_sym):
-                raise SystemExit("--calibrated needs --gptq-asym and --gptq-sym checkpoints of the reference LM")
-            results["calibrated"] = calibrated(model_path("reference-lm"), args.gptq_asym, args.gptq_sym, held,
-                                               args.imatrix_samples, work)
+            if not args.gptq or not all("=" in g for g in args.gptq):
+                raise SystemExit("--calibrated needs --gptq LABEL=PATH checkpoints of the reference LM")
+            checkpoints = [(g.split("=", 1)[0], Path(g.split("=", 1)[1])) for g in args.gptq]
+            results["calibrated"] = calibrated(model_path("reference-lm"), checkpoints, held, args.imatrix_samples, work)
     print("uptime:", os.getloadavg(), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

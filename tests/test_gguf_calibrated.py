@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 gguf = pytest.importorskip("gguf", reason="the gguf package is needed for GGUF export (pip install 'compress[gguf]')")
 
 import tiny  # noqa: E402
-from compress.config import RTNConfig  # noqa: E402
+from compress.config import GPTQConfig, RTNConfig  # noqa: E402
 from compress.errors import CompressError  # noqa: E402
 from compress.gguf.arch import permute_rotary  # noqa: E402
 from compress.gguf.calibrated import gptq_blocks, importance_matrix, unpack_cols, unpack_rows  # noqa: E402
@@ -73,6 +73,25 @@ def test_gptq_refusals(wide_llama, tmp_path):
     quantize(wide_llama, asym, RTNConfig(bits=4, group_size=32, sym=False), device="cpu", progress=False)
     with pytest.raises(CompressError, match="needs --type q4_1"):
         gptq_blocks(wide_llama, asym, "q4_0")
+
+
+def test_act_order_with_static_groups_is_carried(wide_llama, tmp_path):
+    """Act-order solved with static groups keeps groups of 32 in column order: carried exactly."""
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "gptq"
+    quantize(wide_llama, ckpt, GPTQConfig(bits=4, group_size=32, sym=True, act_order=True, static_groups=True,
+                                          nsamples=8, seqlen=32), device="cpu", progress=False)
+    blocks = gptq_blocks(wide_llama, ckpt, "q4_0")
+    got = gguf.quants.dequantize(blocks["blk.0.ffn_down.weight"][1], gguf.GGMLQuantizationType.Q4_0)
+    np.testing.assert_allclose(got, gptq_dequant(ckpt, "model.layers.0.mlp.down_proj"), rtol=0, atol=1e-6)
+    # groups that follow the activation order (act-order without static groups) cannot be blocks
+    tensors = load_file(ckpt / "model.safetensors")
+    g_idx = tensors["model.layers.0.mlp.down_proj.g_idx"]
+    tensors["model.layers.0.mlp.down_proj.g_idx"] = g_idx.flip(0).contiguous()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CompressError, match="out of column order.*--static-groups"):
+        gptq_blocks(wide_llama, ckpt, "q4_0")
 
 
 def test_importance_matrix_steers_kquants(wide_llama, tmp_path):

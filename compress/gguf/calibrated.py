@@ -52,8 +52,10 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     """GGUF tensor name -> (ggml type, raw blocks) for every layer of the GPTQ checkpoint ``gptq``.
 
     ``model`` is the floating-point folder the GPTQ checkpoint was made from (its other tensors and its
-    tokenizer are exported as usual). The checkpoint must be 4-bit with group size 32 and no act-order;
-    export_type q4_1 takes any result, q4_0 a symmetric one.
+    tokenizer are exported as usual). The checkpoint must be 4-bit with group size 32 whose groups are
+    runs of 32 columns in order (no act-order, or act-order with --static-groups, which solves columns
+    in activation order but keeps the groups in place); export_type q4_1 takes any result, q4_0 a
+    symmetric one.
     """
     from ..checkpoint import CheckpointReader
     from ..quant.formats import GPTQFormat
@@ -67,9 +69,9 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     if quant.get("quant_method") != "gptq":
         raise CompressError(f"{gptq} is not a GPTQ checkpoint; make one with compress quantize --method gptq --group-size 32")
     fmt = GPTQFormat.from_config(quant)
-    if fmt.bits != 4 or fmt.group_size != 32 or fmt.desc_act or fmt.dynamic:
+    if fmt.bits != 4 or fmt.group_size != 32 or fmt.dynamic:
         raise CompressError(f"GGUF blocks hold 4-bit groups of 32 in order; {gptq} has {fmt.bits} bits, group size "
-                            f"{fmt.group_size}{', act-order' if fmt.desc_act else ''}: quantize with --bits 4 --group-size 32")
+                            f"{fmt.group_size}: quantize with --bits 4 --group-size 32")
     if export_type not in ("q4_0", "q4_1"):
         raise CompressError(f"a GPTQ checkpoint is carried into q4_0 or q4_1 blocks, not {export_type}")
     if export_type == "q4_0" and not fmt.sym:
@@ -89,6 +91,10 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
             zeros = (unpack_cols(reader.get(prefix + ".qzeros")) + fmt.zero_offset).t().numpy().astype(np.float32)
             if codes.shape[1] % 32:
                 raise CompressError(f"layer {prefix} has {codes.shape[1]} inputs, not a multiple of 32")
+            g_idx = reader.get(prefix + ".g_idx").numpy() if prefix + ".g_idx" in reader else None
+            if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[1]) // 32):
+                raise CompressError(f"layer {prefix} has act-order groups out of column order, which GGUF blocks cannot "
+                                    f"hold: quantize with --static-groups (or without --act-order)")
             symmetric = export_type == "q4_0"
             if symmetric and not np.all(zeros == 8):
                 raise CompressError(f"layer {prefix} has zero points other than 8; use --type q4_1")

@@ -76,14 +76,19 @@ def perplexity(llm, ids: list[int], window: int) -> float:
     return float(np.exp(nll / count))
 
 
-def transformers_logits(model_dir: str | Path, ids: list[int]) -> np.ndarray:
-    """float32 logits [len(ids), vocab] from transformers in float32 for the same ids."""
+def transformers_logits(model_dir: str | Path, ids: list[int] | list[list[int]]) -> np.ndarray | list[np.ndarray]:
+    """float32 logits [len(ids), vocab] from transformers in float32 for the same ids.
+
+    A list of id lists gives one array per list, with the model loaded once.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    many = bool(ids) and isinstance(ids[0], list)
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        out = [model(torch.tensor([w])).logits[0].float().numpy() for w in (ids if many else [ids])]
+    return out if many else out[0]
 
 
 def transformers_embeddings(model_dir: str | Path, texts: list[str], pooling: int = 1) -> np.ndarray:
