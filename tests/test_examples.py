@@ -39,3 +39,17 @@ def test_distill_classifier(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "student keeps teacher layers [0]" in proc.stdout and "accuracy" in proc.stdout
+
+
+def test_export_gguf(tiny_model, tmp_path):
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python runs the exported files (pip install 'compress[llama]')")
+    for model, types, metric in [(tiny_model("llama"), "f16,q8_0", "mean KL"), (None, "q8_0", "min cosine")]:
+        cmd = [sys.executable, str(EXAMPLES / "export_gguf.py"), "--types", types, "--out-dir", str(tmp_path / "gguf")]
+        proc = subprocess.run(cmd + (["--model", str(model)] if model else []), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        lines = [line for line in proc.stdout.splitlines() if metric in line]
+        assert len(lines) == len(types.split(",")), proc.stdout
+        value = float(lines[-1].split(metric)[1].split()[0])
+        assert (value < 0.05) if metric == "mean KL" else (value > 0.99), proc.stdout
