@@ -1,0 +1,92 @@
+"""`compress qat`: quantization-aware training, then the table of float, PTQ baseline and QAT result."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from ..cli import add_common, check_eval_args, run_eval
+from ..errors import CompressError
+
+
+def register(sub) -> None:
+    from .distill import add_training_flags
+
+    p = sub.add_parser("qat", help="quantization-aware training: train with fake quantization, write the packed model",
+                       description="Train a model with fake-quantized weights (int per-group or NF4), optionally "
+                                   "distilled from its float self, and write the GPTQ-layout or bitsandbytes-layout "
+                                   "checkpoint; the closing table compares it with round-to-nearest PTQ.")
+    add_common(p, output_help="folder for the quantized model")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--method", default="int", choices=("int", "nf4"), help="int per-group (GPTQ layout) or nf4 (default int)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 for --method int (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 for --method int (default 128)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric integer grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric integer grid (default)")
+    p.set_defaults(sym=False)
+    q.add_argument("--learnable-scales", action="store_true", help="train the integer scales (LSQ)")
+    q.add_argument("--act-bits", type=int, choices=(8,), help="also fake-quantize layer inputs per token (W4A8 training)")
+    q.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default 64)")
+    q.add_argument("--no-double-quant", action="store_true", help="NF4: keep the block maxima in float32")
+    q.add_argument("--quantize-head", action="store_true", help="also quantize an untied output head")
+    q.add_argument("--skip", action="append", default=[], metavar="REGEX", help="keep matching layers in floating point")
+    q.add_argument("--blocks", metavar="NAME", help="dotted name of the repeated block list (when detection picks wrong)")
+    q.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="steps in floating point before fake quantization")
+    q.add_argument("--freeze-at", type=float, default=1.0, metavar="F",
+                   help="fraction of the steps after which integer ranges stop moving (default 1: never)")
+    k = p.add_argument_group("distillation from the float model")
+    k.add_argument("--distill", action="store_true", help="learn from the unquantized model's outputs too")
+    k.add_argument("--temperature", type=float, default=2.0, help="softening temperature (default 2.0)")
+    k.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term in [0, 1] (default 0.5)")
+    add_training_flags(p, epochs_default=1.0, lr_default=2e-5)
+    p.set_defaults(func=run)
+
+
+def build_configs(args):
+    from ..config import DistillConfig
+    from ..qat.config import QATConfig
+    from .distill import training_fields
+
+    qat = QATConfig(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                    learnable_scales=args.learnable_scales, blocksize=args.blocksize,
+                    double_quant=not args.no_double_quant, act_bits=args.act_bits, quantize_head=args.quantize_head,
+                    skip=args.skip, warmup_steps=args.warmup_steps, freeze_at=args.freeze_at)
+    fields = training_fields(args)
+    train = DistillConfig(task="causal", temperature=args.temperature, alpha=args.alpha if args.distill else 0.0, **fields)
+    return qat, train
+
+
+def _baseline(source: Path, folder: Path, qat, device: str):
+    """Round-to-nearest (or plain NF4) of the same configuration: the post-training baseline."""
+    import compress
+    from compress.config import NF4Config, RTNConfig
+
+    if qat.method == "nf4":
+        cfg = NF4Config(blocksize=qat.blocksize, double_quant=qat.double_quant, dtype="float32", skip=qat.skip)
+    else:
+        cfg = RTNConfig(bits=qat.bits, group_size=qat.group_size, sym=qat.sym, dtype="float32", skip=qat.skip)
+    compress.quantize(source, folder, cfg, device=device, progress=False)
+
+
+def run(args) -> None:
+    from ..qat.pipeline import qat_model
+
+    qat, train = build_configs(args)
+    check_eval_args(args)
+    if args.resume:
+        raise CompressError("--resume is not supported by compress qat; start the run again")
+    report = qat_model(args.model, args.out, qat, train=train, data=args.data, distill=args.distill,
+                       labeled=args.labeled, text_field=args.text_field, label_field=args.label_field,
+                       blocks=args.blocks, checkpoints=args.checkpoints, overwrite=args.overwrite, device=args.device,
+                       trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
+    print(report.summary())
+    if args.no_eval:
+        return
+    if args.labeled is None and report.eval_file is not None:
+        args.labeled = str(report.eval_file)
+    with tempfile.TemporaryDirectory(dir=report.output.parent, prefix=f".{report.output.name}.") as tmp:
+        ptq = Path(tmp) / f"{report.output.name}-ptq-{'nf4' if qat.method == 'nf4' else 'rtn'}"
+        _baseline(report.source, ptq, qat, args.device)
+        run_eval([report.source, ptq, report.output], args)
