@@ -1,9 +1,46 @@
-"""Extensions compiled on first use with torch's extension loader, built once per process."""
+"""Extensions compiled on first use with torch's extension loader, built once per process.
+
+Each build goes to its own folder under torch's extension root, named by a hash of the sources and the
+build options, so two checkouts (or two versions) of the kernels never rebuild over each other. torch
+guards a build with a lock file and waits for it forever; a build whose process was killed leaves that
+file behind, so a lock older than STALE_LOCK_SECONDS is treated as abandoned and removed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
+import time
 import warnings
+from pathlib import Path
+
+STALE_LOCK_SECONDS = 20 * 60
+
+
+def build_directory(name: str, sources: list[str], options: dict) -> Path:
+    """<torch extension root>/compress/<name>-<hash>, created; a stale lock inside is removed.
+
+    The hash covers the sources, the build options, and the Python and torch versions.
+    """
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    digest = hashlib.sha256(repr((sorted(options.items()), sys.version_info[:2], torch.__version__)).encode())
+    for src in sources:
+        digest.update(Path(src).read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    folder = root / "compress" / f"{name}-{digest.hexdigest()[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    return folder
 
 
 class LazyExtension:
@@ -24,7 +61,9 @@ class LazyExtension:
                 try:
                     from torch.utils.cpp_extension import load
 
-                    self._module = load(name=self.name, sources=self.sources, verbose=False, **self.load_kwargs)
+                    folder = build_directory(self.name, self.sources, self.load_kwargs)
+                    self._module = load(name=self.name, sources=self.sources, verbose=False,
+                                        build_directory=str(folder), **self.load_kwargs)
                 except Exception as exc:  # no compiler or toolkit, or a build error
                     self._failed = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                     warnings.warn(f"the {self.what} could not be built ({self._failed}); using {self.fallback}",

@@ -57,3 +57,27 @@ def test_lenient_forcing_leaves_what_the_backend_cannot_run_to_the_automatic_cho
         assert dispatch.choose_backend(x, **gptq_layer(64, 32, 32)) == "cpu_int4"
     with dispatch.forced("cpu_int4"), pytest.raises(ValueError, match="does not support"):
         dispatch.choose_backend(x, **layer)
+
+
+def test_build_folders_per_source_and_stale_locks(tmp_path, monkeypatch):
+    """Each version of the sources builds in its own folder; a lock left by a killed build is removed."""
+    import os
+    import time
+
+    from compress_kernels.build import STALE_LOCK_SECONDS, build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int f() { return 1; }\n")
+    b.write_text("int f() { return 2; }\n")
+    fa, fb = build_directory("k", [str(a)], {}), build_directory("k", [str(b)], {})
+    assert fa != fb and fa.parent == fb.parent == tmp_path / "ext" / "compress"
+    assert build_directory("k", [str(a)], {"extra_cflags": ["-O3"]}) != fa
+    lock = fa / "lock"
+    lock.touch()
+    build_directory("k", [str(a)], {})
+    assert lock.exists()  # a build may be running: wait for it
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    build_directory("k", [str(a)], {})
+    assert not lock.exists()
