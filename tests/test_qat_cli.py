@@ -1,0 +1,53 @@
+"""`compress qat` in a subprocess: the closing table with the PTQ baseline, and every bad input."""
+
+import json
+
+import compress
+from test_cli import assert_clean_error, run
+
+QUICK = ["--eval-tokens", "512", "--eval-seqlen", "64", "--no-latency", "--eval-samples", "16"]
+TRAIN = ["--steps", "4", "--batch-size", "4", "--max-length", "32", "--lr", "1e-3", "--device", "cpu", "--no-train-eval",
+         "--max-samples", "64"]
+
+
+def test_qat_llama_end_to_end(tiny_model, tmp_path, hash_tree):
+    src = tiny_model("llama")
+    before = hash_tree(src)
+    out = tmp_path / "qat"
+    proc = run("qat", "--model", src, "--bits", "4", "--group-size", "32", "--data", "builtin", *TRAIN,
+               "--distill", "--out", out, *QUICK, "--json", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "distilled from the float model" in proc.stdout
+    names = [r["name"] for r in json.loads((tmp_path / "t.json").read_text())["results"]]
+    assert names == [src.name, "qat-ptq-rtn", "qat"]  # float, the PTQ baseline, the QAT result
+    info = json.loads((out / "qat_config.json").read_text())
+    assert info["qat"]["bits"] == 4 and info["distill"] is True
+    assert compress.load(out).quantization["quant_method"] == "gptq"
+    assert hash_tree(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat", "t.json"]  # the baseline was temporary
+
+
+def test_qat_nf4_classifier(tiny_model, tmp_path):
+    rows = ["text,label"] + [f"quick fox number {i} {['model', 'weights'][i % 2]},{['neg', 'pos'][i % 2]}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cls"
+    proc = run("qat", "--model", tiny_model("bert", "classifier"), "--method", "nf4", "--data", tmp_path / "train.csv",
+               *TRAIN, "--out", out, "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    assert compress.load(out).quantization["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_qat_bad_inputs(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    out = tmp_path / "o"
+    assert_clean_error(run("qat", "--model", src, "--out", out, *TRAIN), "--data is required")
+    (tmp_path / "empty.txt").write_text("")
+    assert_clean_error(run("qat", "--model", src, "--data", tmp_path / "empty.txt", "--out", out, *TRAIN), "empty")
+    assert_clean_error(run("qat", "--model", src, "--method", "nf4", "--bits", "3", "--data", "builtin", "--out", out,
+                           *TRAIN), "cannot be packed as NF4")
+    assert_clean_error(run("qat", "--model", src, "--group-size", "100", "--data", "builtin", "--out", out, *TRAIN),
+                       "--group-size 100")
+    rtn = tmp_path / "rtn"
+    assert run("quantize", "--method", "rtn", "--model", src, "--out", rtn, "--group-size", "32", "--no-eval").returncode == 0
+    assert_clean_error(run("qat", "--model", rtn, "--data", "builtin", "--out", out, *TRAIN), "already quantized")
+    assert not out.exists()
