@@ -40,6 +40,15 @@ def register(sub) -> None:
     k.add_argument("--distill", action="store_true", help="learn from the unquantized model's outputs too")
     k.add_argument("--temperature", type=float, default=2.0, help="softening temperature (default 2.0)")
     k.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term in [0, 1] (default 0.5)")
+    a = p.add_argument_group("adapter recovery (instead of training the weights)")
+    a.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters on a frozen quantized base: --model quantized already, or quantized "
+                        "here (round-to-nearest int, or NF4) first; --distill learns from the float model")
+    a.add_argument("--lora-rank", type=int, default=16, help="adapter rank (default 16)")
+    a.add_argument("--lora-alpha", type=float, default=32.0, help="adapter scaling alpha (default 32)")
+    a.add_argument("--merge", action="store_true",
+                   help="merge the adapters and quantize again in the base's format (default: save the adapters apart)")
+    a.add_argument("--teacher", metavar="PATH", help="the float model, for --distill when --model is already quantized")
     add_training_flags(p, epochs_default=1.0, lr_default=2e-5)
     p.set_defaults(func=run)
 
@@ -70,11 +79,50 @@ def _baseline(source: Path, folder: Path, qat, device: str):
     compress.quantize(source, folder, cfg, device=device, progress=False)
 
 
+def run_lora(args, qat) -> None:
+    """--lora: adapters on a frozen quantized base, then the table (float, base, merged result)."""
+    from ..models import read_config_dict, resolve_model_path
+    from ..qat.lora import LoraRecoveryConfig, recover_model
+
+    if args.data is None:
+        raise CompressError("--data is required: the text the adapters train on")
+    if args.out is None:
+        raise CompressError("--out is required: the folder the adapters (or the merged model) are written to")
+    out = Path(args.out).expanduser().absolute()
+    if out.exists() and not args.overwrite:
+        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
+    source = resolve_model_path(args.model)
+    quantized = bool(read_config_dict(source).get("quantization_config"))
+    teacher = args.teacher if quantized else (source if args.distill else None)
+    if args.distill and teacher is None:
+        raise CompressError("--distill on an already quantized --model needs --teacher PATH (the float model)")
+    config = LoraRecoveryConfig(rank=args.lora_rank, alpha=args.lora_alpha, steps=args.steps or 200,
+                                learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                                max_samples=args.max_samples, grad_accum=args.grad_accum, distill=args.distill,
+                                temperature=args.temperature, kd_weight=args.alpha, seed=args.seed,
+                                logging_steps=args.logging_steps, text_field=args.text_field)
+    base = source
+    if not quantized:  # the base the adapters sit on: kept next to the adapters, which name it
+        base = out.with_name(out.name + ("-base-nf4" if qat.method == "nf4" else f"-base-w{qat.bits}"))
+        if base.exists() and not args.overwrite:
+            raise CompressError(f"the base folder {base} already exists; pass --overwrite to replace it")
+        _baseline(source, base, qat, args.device)
+        print(f"quantized {source.name} into {base}")
+    report = recover_model(base, out, config, data=args.data, teacher=teacher, merge=args.merge,
+                           device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
+    print(report.summary())
+    if not args.no_eval:
+        reference = teacher or source
+        run_eval([reference, base, *([out] if args.merge else [])], args)
+
+
 def run(args) -> None:
     from ..qat.pipeline import qat_model
 
     qat, train = build_configs(args)
     check_eval_args(args)
+    if args.lora:
+        return run_lora(args, qat)
     if args.resume:
         raise CompressError("--resume is not supported by compress qat; start the run again")
     report = qat_model(args.model, args.out, qat, train=train, data=args.data, distill=args.distill,
