@@ -104,7 +104,7 @@ def test_merged_requantized_checkpoint_matches_base_plus_adapters(bases, tmp_pat
     kinds = lambda m: {n: (type(x).__name__, getattr(x, "bits", None), getattr(x, "group_size", None),
                            getattr(x, "blocksize", None)) for n, x in m.named_modules() if isinstance(x, QuantModule)}
     assert kinds(merged.model) == kinds(original.model)
-    assert used["method"] == ("nf4" if base == "nf4" else "rtn")
+    assert used["method"] == ("nf4" if base == "nf4" else "gptq")
     ids = bases["ids"]
     adapted = _logits(report.model, ids)
     base_out = _logits(original.model, ids)
@@ -122,8 +122,9 @@ def test_recover_with_merge_writes_a_quantized_folder(tiny_model, tmp_path):
     src = tiny_model("gpt2")
     compress.quantize(src, tmp_path / "q", RTNConfig(bits=4, group_size=32), progress=False)
     report = recover_model(tmp_path / "q", tmp_path / "m", LoraRecoveryConfig(steps=3, **FAST), merge=True,
-                           progress=False)
+                           requantize="rtn", progress=False)
     assert report.merged and report.model is None and report.requantized["bits"] == 4
+    assert report.requantized["method"] == "rtn"
     merged = compress.load(tmp_path / "m")
     assert merged.quantization["bits"] == 4 and merged.quantization["group_size"] == 32
     assert torch.isfinite(_logits(merged.model, torch.randint(1, 300, (2, 16)))).all()

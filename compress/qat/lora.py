@@ -413,10 +413,11 @@ def merge_adapters(adapter_dir: str | Path, out_dir: str | Path, requantize=None
     Args:
         adapter_dir: a folder written by :func:`recover_model` with ``merge=False``.
         out_dir: the merged, quantized folder (built atomically).
-        requantize: None (the base's own format: round-to-nearest with the base's bits, group size and
-            symmetry per layer for a GPTQ-format int base; the base's NF4 / FP4 settings for a
-            bitsandbytes base), ``"rtn"``, ``"gptq"`` (same settings, calibrated on the built-in
-            corpus), ``"nf4"``, or an RTNConfig / GPTQConfig / NF4Config used as given.
+        requantize: None (the base's own format: for a GPTQ-format int base GPTQ with the base's bits,
+            group size and symmetry per layer, calibrated on the built-in corpus; for a bitsandbytes
+            base its NF4 / FP4 settings), ``"rtn"`` (the same int settings, data-free, but it adds a
+            second rounding error), ``"gptq"``, ``"nf4"``, or an RTNConfig / GPTQConfig / NF4Config
+            used as given.
         base: the base folder, when it has moved since training.
 
     Returns:

@@ -3,12 +3,14 @@
 The packed base cannot absorb ``B @ A * scaling`` in place, so the merge goes through a float model:
 every quantized layer is dequantized (float32), the adapted ones get their update added, the model is
 written as an ordinary full-precision folder (temporary) and quantized again with compress.quantize,
-by default in the base's own format: a GPTQ-format int base with round-to-nearest at its own bits,
-group size and symmetry (per layer, so mixed-precision bases stay mixed), an NF4 / FP4 base with its
-own quant type, block size and double quantization. Layers the base kept in full precision stay so.
+by default in the base's own format: a GPTQ-format int base with GPTQ at its own bits, group size and
+symmetry (per layer, so mixed-precision bases stay mixed; calibrated on the built-in corpus), an NF4 /
+FP4 base with its own quant type, block size and double quantization. Layers the base kept in full
+precision stay so.
 
-The update is small next to a quantization step, so re-quantizing can round part of it away; the
-benchmark (benchmarks/qat_lora.py) measures how much of the recovery survives.
+The update is small next to a quantization step, so re-quantizing can round part of it away, and plain
+round-to-nearest (``requantize="rtn"``, data-free) adds a second rounding error on top of the first;
+benchmarks/qat_lora.py measures how much of the recovery survives each way.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def requantize_config(model: nn.Module, quant: dict, requantize, source: Path):
     for name, layer in quantized.items():
         if (layer.bits, layer.group_size) != (fmt.bits, fmt.group_size):
             overrides[_anchored([name])[0]] = {"bits": layer.bits, "group_size": layer.group_size}
-    cls = GPTQConfig if requantize == "gptq" else RTNConfig
+    # calibrated by default: round-to-nearest adds a second rounding error as large as the first, which
+    # measured worse than no adapters at all (BENCHMARKS.md, "QAT adapter recovery")
+    cls = RTNConfig if requantize == "rtn" else GPTQConfig
     return cls(bits=fmt.bits, group_size=fmt.group_size, sym=fmt.sym, skip=skip, overrides=overrides, dtype=dtype)
 
 
