@@ -135,21 +135,27 @@ def lora_targets(model: nn.Module, config: LoraRecoveryConfig) -> list[str]:
     return names
 
 
+def require_peft() -> None:
+    """CompressError when peft, which adapter recovery builds on, is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise CompressError("adapter recovery needs the peft package: pip install 'compress[lora]'")
+
+
 def peft_config(model: nn.Module, config: LoraRecoveryConfig, task: str = "causal"):
     """The peft LoraConfig for ``model`` with our quantized layer type registered."""
     from peft import LoraConfig
 
-    from ..quant.linear import QuantModule
-    from .lora_layer import QuantLoraLayer
-
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=lora_targets(model, config), bias="none",
                       task_type="CAUSAL_LM" if task == "causal" else None)
-    lora._register_custom_module({QuantModule: QuantLoraLayer})
+    _register(lora)
     return lora
 
 
 def _register(lora_config) -> None:
+    """Map our QuantModule to its LoRA layer (peft's custom-module hook; it is not saved with the config)."""
     from ..quant.linear import QuantModule
     from .lora_layer import QuantLoraLayer
 
@@ -187,6 +193,7 @@ def attach_lora(model: nn.Module | LoadedModel, config: LoraRecoveryConfig | Non
     Raises:
         CompressError: when the model has no quantized layer, or no quantized layer matches the targets.
     """
+    require_peft()
     from peft import get_peft_model
 
     config = config or LoraRecoveryConfig()
@@ -243,6 +250,7 @@ def load_with_adapters(adapter_dir: str | Path, *, base: str | Path | None = Non
         A LoadedModel whose ``.model`` is the peft model in eval mode (base frozen, adapters active) and
         whose tokenizer, kind and quantization are the base's.
     """
+    require_peft()
     from peft import LoraConfig, PeftModel
 
     from ..models import load
@@ -357,6 +365,7 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
     from ..models import load
 
     start = time.perf_counter()
+    require_peft()
     config = config or LoraRecoveryConfig()
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not overwrite:
