@@ -16,6 +16,13 @@ The names below resolve lazily, so importing this package does not import transf
 
 from __future__ import annotations
 
+import logging
+
+# transformers' Trainer imports peft when it is installed, and peft imports bitsandbytes, whose CPU backend
+# logs a warning on AVX512-BF16 machines about an optional kernel package compress never uses: it would be
+# the one stray line on stderr of every training command
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 _EXPORTS = {
     "distill": "trainer", "DistillTrainer": "trainer", "DistillResult": "trainer", "save_student": "trainer",
     "load_student_state": "trainer", "DistillationModel": "objective", "derive_student": "students",
