@@ -51,3 +51,17 @@ def test_qat_bad_inputs(tiny_model, tmp_path):
     compress.quantize(src, rtn, RTNConfig(bits=4, group_size=32), progress=False)
     assert_clean_error(run("qat", "--model", rtn, "--data", "builtin", "--out", out, *TRAIN), "already quantized")
     assert not out.exists()
+
+
+def test_qat_lora_merge_end_to_end(tiny_model, tmp_path):
+    """--lora on a float model: quantized here, adapters trained (distilled), merged and quantized again."""
+    src = tiny_model("llama")
+    out = tmp_path / "merged"
+    proc = run("qat", "--model", src, "--lora", "--merge", "--bits", "4", "--group-size", "32", "--data", "builtin",
+               *TRAIN, "--distill", "--out", out, *QUICK, "--json", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr
+    names = [r["name"] for r in json.loads((tmp_path / "t.json").read_text())["results"]]
+    assert names == [src.name, "merged-base-w4", "merged"]
+    assert compress.load(out).quantization["quant_method"] == "gptq"
+    assert_clean_error(run("qat", "--model", tmp_path / "merged-base-w4", "--lora", "--distill", "--data", "builtin",
+                           "--out", tmp_path / "x", *TRAIN), "needs --teacher")
