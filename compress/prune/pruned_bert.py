@@ -57,7 +57,7 @@ def remove_heads(attention: nn.Module, heads: list[int]) -> None:
     """
     self_attn, out = attention.self, attention.output.dense
     size = self_attn.attention_head_size
-    drop = set(int(h) for h in heads)
+    drop = {int(h) for h in heads}
     kept = [h for h in range(self_attn.num_attention_heads) if h not in drop]
     index = torch.tensor([h * size + i for h in kept for i in range(size)], dtype=torch.long)
     for linear in (self_attn.query, self_attn.key, self_attn.value):
@@ -94,9 +94,9 @@ def _pruned_class(base: type) -> type:
         apply_pruned_heads(self, getattr(config, "pruned_heads", None))
 
     # _auto_class makes save_pretrained copy this file and write the auto_map entry, as for any custom model
-    return type("Pruned" + base.__name__, (base,), {"__init__": __init__, "__module__": __name__, "config_class": PrunedBertConfig,
-                                                    "_auto_class": AUTO_CLASSES[base.__name__],
-                                                    "__doc__": f"{base.__name__} with config.pruned_heads removed."})
+    attrs = {"__init__": __init__, "__module__": __name__, "config_class": PrunedBertConfig,
+             "_auto_class": AUTO_CLASSES[base.__name__], "__doc__": f"{base.__name__} with config.pruned_heads removed."}
+    return type("Pruned" + base.__name__, (base,), attrs)
 
 
 PrunedBertModel = _pruned_class(transformers.BertModel)

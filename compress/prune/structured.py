@@ -133,8 +133,8 @@ class StructuredReport:
             f"structured pruning by {self.importance} importance over {self.layers} layers:",
             f"  attention heads per layer {h0} -> {h1}{kv}",
             f"  FFN neurons per layer {f0} -> {f1}",
-            f"  parameters {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
-            f"({self.fraction_removed:.1%} removed)",
+            (f"  parameters {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
+             f"({self.fraction_removed:.1%} removed)"),
         ]
 
 
@@ -234,7 +234,7 @@ def find_layers(model: nn.Module) -> list[Layer]:
                 f"{type(block).__name__}: use unstructured pruning for this model")
         layers.append(layer)
     first = layers[0]
-    if any((l.heads, l.kv_heads, l.neurons) != (first.heads, first.kv_heads, first.neurons) for l in layers):
+    if any((lay.heads, lay.kv_heads, lay.neurons) != (first.heads, first.kv_heads, first.neurons) for lay in layers):
         raise CompressError("the layers of this model differ in width, and structured pruning keeps widths uniform")
     return layers
 
@@ -244,7 +244,7 @@ def find_layers(model: nn.Module) -> list[Layer]:
 
 
 def _count(ratio: float, total: int) -> int:
-    return int(math.floor(ratio * total + 0.5))
+    return math.floor(ratio * total + 0.5)
 
 
 def plan_counts(layer: Layer, heads: float, ffn: float) -> tuple[int, int]:
@@ -308,7 +308,7 @@ def _batches_on(batches, device):
 def activation_scores(model: nn.Module, layers: list[Layer], batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (group scores, neuron scores) = RMS of each unit's input to the output projection
     (non-padding tokens) x the norm of its columns there."""
-    sums = [[torch.zeros(l.o.in_features), torch.zeros(l.ffn_out.in_features)] for l in layers]
+    sums = [[torch.zeros(lay.o.in_features), torch.zeros(lay.ffn_out.in_features)] for lay in layers]
     tokens = [0.0]
     mask_now: list[torch.Tensor | None] = [None]
 
@@ -322,8 +322,8 @@ def activation_scores(model: nn.Module, layers: list[Layer], batches) -> list[tu
         return fn
 
     handles = []
-    for (ctx, act), l in zip(sums, layers):
-        handles += [l.o.register_forward_pre_hook(hook(ctx)), l.ffn_out.register_forward_pre_hook(hook(act))]
+    for (ctx, act), lay in zip(sums, layers):
+        handles += [lay.o.register_forward_pre_hook(hook(ctx)), lay.ffn_out.register_forward_pre_hook(hook(act))]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -339,12 +339,12 @@ def activation_scores(model: nn.Module, layers: list[Layer], batches) -> list[tu
             h.remove()
         model.train(was_training)
     out = []
-    for (ctx, act), l in zip(sums, layers):
+    for (ctx, act), lay in zip(sums, layers):
         rms_ctx, rms_act = (ctx / max(tokens[0], 1)).sqrt(), (act / max(tokens[0], 1)).sqrt()
-        col_o = l.o.weight.detach().float().norm(dim=0).cpu()
-        col_f = l.ffn_out.weight.detach().float().norm(dim=0).cpu()
+        col_o = lay.o.weight.detach().float().norm(dim=0).cpu()
+        col_f = lay.ffn_out.weight.detach().float().norm(dim=0).cpu()
         per_q = rms_ctx * col_o  # one value per query-head dimension
-        groups = per_q.view(l.kv_heads, -1).square().sum(1).sqrt()
+        groups = per_q.view(lay.kv_heads, -1).square().sum(1).sqrt()
         out.append((groups, rms_act * col_f))
     return out
 
@@ -356,7 +356,7 @@ def _lm_loss_kind(model: nn.Module) -> bool:
 
 def accumulate_gradients(model: nn.Module, layers: list[Layer], batches) -> None:
     """Sum the loss gradients over ``batches`` into the pruned Linear layers' ``.grad`` (dropout off)."""
-    linears = {id(m): m for l in layers for m in (l.q, l.k, l.v, l.o, *l.ffn_in, l.ffn_out)}.values()
+    linears = {id(m): m for lay in layers for m in (lay.q, lay.k, lay.v, lay.o, *lay.ffn_in, lay.ffn_out)}.values()
     params = [p for m in linears for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -500,11 +500,11 @@ def prune_structured(model, heads: float = 0.0, ffn: float = 0.0, importance: st
     elif importance == "taylor":
         accumulate_gradients(model, layers, batches)
         try:
-            scores = [static_scores(l, "taylor") for l in layers]
+            scores = [static_scores(lay, "taylor") for lay in layers]
         finally:
             _clear_gradients(model)
     else:
-        scores = [static_scores(l, "weight") for l in layers]
+        scores = [static_scores(lay, "weight") for lay in layers]
 
     removed_heads, removed_neurons = [], []
     for layer, (group_scores, neuron_scores) in zip(layers, scores):
