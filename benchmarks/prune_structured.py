@@ -116,13 +116,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher's soft targets (distill)")
     parser.add_argument("--repeats", type=int, default=15, help="alternating latency rounds (median)")
+    parser.add_argument("--no-score-all", dest="score_all", action="store_false",
+                        help="skip the accuracy of the other two importance measures before retraining")
     parser.add_argument("--timing-only", action="store_true",
                         help="only re-measure the latency of an earlier run's models (on a quieter machine)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for scoring and retraining (default all cores; 1 suits a busy machine, "
+                             "where threads wait for each other); timing always uses all cores")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.timing_only:
         return timing_only(args)
 
     from compress.calib_data.demo_task import ensure_demo_task
+
     from compress.eval.measure import weights_bytes
     from compress.models import load
     from compress.prune.structured import prune_structured
@@ -140,51 +148,60 @@ def main() -> None:
 
     teacher = load(teacher_dir)
     tok, label2id = teacher.tokenizer, {str(k): int(v) for k, v in teacher.config.label2id.items()}
-    acc_teacher = accuracy(teacher.model, tok, test_file)
-    print(f"unpruned: accuracy {acc_teacher:.4f}", flush=True)
-
     batches = calibration_batches(tok, label2id, args.calib_batches)
-    after_prune, chosen, report = {}, None, None
-    for importance in ("weight", "activation", "taylor"):
-        model = copy.deepcopy(teacher.model)
-        rep = prune_structured(model, heads=args.heads, ffn=args.ffn, importance=importance,
-                               batches=None if importance == "weight" else batches)
-        after_prune[importance] = accuracy(model, tok, test_file)
-        print(f"pruned by {importance}: accuracy {after_prune[importance]:.4f} before retraining", flush=True)
-        if importance == args.importance:
-            chosen, report = model, rep
+    chosen = copy.deepcopy(teacher.model)
+    report = prune_structured(chosen, heads=args.heads, ffn=args.ffn, importance=args.importance,
+                              batches=None if args.importance == "weight" else batches)
     print("\n".join(report.lines()), flush=True)
-
     tag = f"pruned-h{round(args.heads * 100)}-f{round(args.ffn * 100)}-{args.importance}"
     pruned_dir, retrained_dir = out / tag, out / f"{tag}-{args.retrain}"
+    json_file = out / f"{tag}-{args.retrain}.json"
     chosen.save_pretrained(pruned_dir)
     tok.save_pretrained(pruned_dir)
-    if retrained_dir.exists():
-        print(f"reusing {retrained_dir}", flush=True)
-        retrained, train_metrics = load(retrained_dir, trust_remote_code=True).model, {}
-    else:
-        start = time.time()
-        retrained, train_metrics = retrain(teacher.model, chosen, tok, label2id, args, out / f"{tag}.checkpoints")
-        train_metrics["wall_s"] = time.time() - start
-        retrained.save_pretrained(retrained_dir)
-        tok.save_pretrained(retrained_dir)
-    # the saved folder is what users get: measure the model transformers rebuilds from it
-    retrained = load(retrained_dir, trust_remote_code=True).model
-    acc_retrained = accuracy(retrained, tok, test_file)
-    print(f"pruned and retrained ({args.retrain}): accuracy {acc_retrained:.4f}", flush=True)
-
     results = {"args": vars(args), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
                "params": {"unpruned": report.params_before, "pruned": report.params_after},
                "fraction_removed": report.fraction_removed,
                "widths": {"unpruned": [report.heads[0], report.ffn[0]], "pruned": [report.heads[1], report.ffn[1]]},
-               "bytes": {"unpruned": weights_bytes(teacher_dir), "pruned": weights_bytes(retrained_dir)},
-               "accuracy": {"unpruned": acc_teacher, "after_pruning": after_prune, "retrained": acc_retrained},
-               "train": train_metrics}
-    time_and_report(teacher.model, retrained, results, args, out / f"{tag}-{args.retrain}.json")
+               "bytes": {"unpruned": weights_bytes(teacher_dir), "pruned": weights_bytes(pruned_dir)},
+               "accuracy": {"after_pruning": {}}}
+
+    # speed first (retraining changes values, not shapes): the folder as transformers rebuilds it
+    time_and_report(teacher.model, load(pruned_dir, trust_remote_code=True).model, results, args, json_file)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    acc = results["accuracy"]
+    acc["unpruned"] = accuracy(teacher.model, tok, test_file)
+    acc["after_pruning"][args.importance] = accuracy(chosen, tok, test_file)
+    print(f"unpruned: accuracy {acc['unpruned']:.4f}; pruned by {args.importance}: "
+          f"{acc['after_pruning'][args.importance]:.4f} before retraining", flush=True)
+    json_file.write_text(json.dumps(results, indent=2))
+
+    if retrained_dir.exists():
+        print(f"reusing {retrained_dir}", flush=True)
+    else:
+        start = time.time()
+        retrained, results["train"] = retrain(teacher.model, chosen, tok, label2id, args, out / f"{tag}.checkpoints")
+        results["train"]["wall_s"] = time.time() - start
+        retrained.save_pretrained(retrained_dir)
+        tok.save_pretrained(retrained_dir)
+    # the saved folder is what users get: measure the model transformers rebuilds from it
+    acc["retrained"] = accuracy(load(retrained_dir, trust_remote_code=True).model, tok, test_file)
+    print(f"pruned and retrained ({args.retrain}): accuracy {acc['retrained']:.4f}", flush=True)
+    json_file.write_text(json.dumps(results, indent=2))
+
+    for importance in [i for i in ("weight", "activation", "taylor") if i != args.importance and args.score_all]:
+        model = copy.deepcopy(teacher.model)
+        prune_structured(model, heads=args.heads, ffn=args.ffn, importance=importance,
+                         batches=None if importance == "weight" else batches)
+        acc["after_pruning"][importance] = accuracy(model, tok, test_file)
+        print(f"pruned by {importance}: accuracy {acc['after_pruning'][importance]:.4f} before retraining", flush=True)
+    json_file.write_text(json.dumps(results, indent=2))
+    print_table(results)
 
 
 def time_and_report(unpruned, pruned, results: dict, args, json_file: Path) -> None:
-    """Alternating latency of the two models, then the JSON file and the Markdown table."""
+    """Alternating latency of the two models, saved in the JSON file."""
     results["load_average_before_timing"] = load_avg()
     print(f"load average before timing: {results['load_average_before_timing']}", flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -193,39 +210,44 @@ def time_and_report(unpruned, pruned, results: dict, args, json_file: Path) -> N
     results["repeats"] = args.repeats
     json_file.write_text(json.dumps(results, indent=2))
 
+
+def print_table(results: dict) -> None:
+    """The Markdown table of a run (accuracies that were not measured show as -)."""
     u, p = results["latency_ms"]["unpruned"], results["latency_ms"]["pruned"]
     params, size, acc = results["params"], results["bytes"], results["accuracy"]
     (h0, f0), (h1, f1) = results["widths"]["unpruned"], results["widths"]["pruned"]
     a = results["args"]
+    fmt = lambda key: f"{acc[key]:.4f}" if key in acc else "-"  # noqa: E731
     print()
     print(f"machine: {results['machine']}; load average {results['load_average_before_timing']} before and "
-          f"{results['load_average_after_timing']} after timing ({args.repeats} alternating rounds)")
+          f"{results['load_average_after_timing']} after timing ({results['repeats']} alternating rounds)")
     print("| model | heads x FFN per layer | params M | removed | size MB | batch ms (32x128) | speedup | "
           "query ms (1x64) | speedup | accuracy |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| unpruned | {h0} x {f0} | {params['unpruned'] / 1e6:.2f} | - | {size['unpruned'] / 1e6:.1f} | "
-          f"{u['batch']:.1f} | 1.00x | {u['query']:.2f} | 1.00x | {acc['unpruned']:.4f} |")
+          f"{u['batch']:.1f} | 1.00x | {u['query']:.2f} | 1.00x | {fmt('unpruned')} |")
     print(f"| pruned ({a['importance']}), {a['retrain']} | {h1} x {f1} | {params['pruned'] / 1e6:.2f} | "
           f"{results['fraction_removed']:.1%} | {size['pruned'] / 1e6:.1f} | {p['batch']:.1f} | "
-          f"{u['batch'] / p['batch']:.2f}x | {p['query']:.2f} | {u['query'] / p['query']:.2f}x | {acc['retrained']:.4f} |")
+          f"{u['batch'] / p['batch']:.2f}x | {p['query']:.2f} | {u['query'] / p['query']:.2f}x | {fmt('retrained')} |")
     print()
     print("accuracy right after pruning: " + ", ".join(f"{k} {v:.4f}" for k, v in acc["after_pruning"].items()))
-    print(f"accuracy change after retraining: {100 * (acc['retrained'] - acc['unpruned']):+.2f} points")
+    if "retrained" in acc and "unpruned" in acc:
+        print(f"accuracy change after retraining: {100 * (acc['retrained'] - acc['unpruned']):+.2f} points")
 
 
 def timing_only(args) -> None:
-    """Re-measure the latency of an earlier run's models (accuracies are read from its JSON file)."""
+    """Re-measure the latency of an earlier run's models (the rest is read from its JSON file)."""
     from compress.models import load
 
     out = Path(args.out)
-    tag = f"pruned-h{round(args.heads * 100)}-f{round(args.ffn * 100)}-{args.importance}-{args.retrain}"
-    json_file = out / f"{tag}.json"
+    tag = f"pruned-h{round(args.heads * 100)}-f{round(args.ffn * 100)}-{args.importance}"
+    json_file = out / f"{tag}-{args.retrain}.json"
     if not json_file.is_file():
         raise SystemExit(f"{json_file} is missing: run without --timing-only first")
     results = json.loads(json_file.read_text())
-    unpruned = load(out / "teacher").model
-    pruned = load(out / tag, trust_remote_code=True).model
-    time_and_report(unpruned, pruned, results, args, json_file)
+    pruned_dir = out / f"{tag}-{args.retrain}" if (out / f"{tag}-{args.retrain}").exists() else out / tag
+    time_and_report(load(out / "teacher").model, load(pruned_dir, trust_remote_code=True).model, results, args, json_file)
+    print_table(results)
 
 
 if __name__ == "__main__":
