@@ -74,7 +74,9 @@ def build_retrain(args):
     """RetrainOptions from the flags, or None without --retrain (and no schedule that trains)."""
     from ..prune.retrain import RetrainOptions
 
-    if not args.retrain and args.schedule == "oneshot":
+    if not args.retrain:
+        if args.schedule != "oneshot":
+            raise CompressError(f"--schedule {args.schedule} interleaves pruning with training: add --retrain --data SRC")
         if args.data or args.distill:
             raise CompressError("--data and --distill take effect with --retrain; add --retrain")
         return None
