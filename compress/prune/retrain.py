@@ -153,7 +153,9 @@ def task_data(loaded: LoadedModel, task: str, options: RetrainOptions, config):
     if task in ("causal", "mlm"):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return lm_data(task, tok, options.data, options.max_length, text_field=options.text_field)
+        # one pass over steps x batch windows: tokenizing more of the data than that buys nothing
+        return lm_data(task, tok, options.data, options.max_length, text_field=options.text_field,
+                       max_samples=config.steps * config.batch_size)
     if task == "classify":
         label2id = dict(loaded.model.config.label2id)
         return classification_data(tok, options.data, label2id, loaded.model.config.num_labels, options.max_length,
