@@ -43,7 +43,8 @@ class CheckpointReader:
     """Lazy access to the tensors of a model folder.
 
     Use as a context manager; ``keys()`` lists tensor names, ``get(name)`` loads one tensor,
-    ``info(name)`` gives (dtype, shape) without loading it.
+    ``info(name)`` gives (dtype, shape) without loading it. Pruned weights stored as a bitmask plus
+    their nonzero values (compress.prune.sparse_format) are listed and returned as the dense tensors.
     """
 
     RELEASE_EVERY = 256 * 1024**2  # bytes handed out before the files are unmapped again
