@@ -31,9 +31,11 @@ def main() -> None:
                         help="pruned results (by folder name) to quantize to 4 bits with GPTQ")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "compress" / "bench-prune"))
     parser.add_argument("--json", default="prune-bench.json")
+    parser.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored for perplexity")
+    parser.add_argument("--kl-tokens", type=int, default=4096, help="positions compared for KL to the dense model")
+    parser.add_argument("--reuse", action="store_true", help="keep outputs already in --work instead of pruning again")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
-    from gptq import run_measured
     from reference_lm import ensure_reference_lm
 
     from compress.config import EvalConfig
@@ -48,29 +50,24 @@ def main() -> None:
         for method in METHODS:
             name = f"{method}-{'50' if setting == '50%' else '2of4'}"
             out = work / name
-            shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "compress", "prune", "--model", str(src), "--out", str(out), "--method", method,
                    *flags, *calib, "--device", "cpu", "--no-eval"]
-            runs[name] = {"command": " ".join(cmd[1:]), **run_measured(cmd, work / f"{name}.log")}
+            runs[name] = run_once(cmd, out, work, args.reuse)
             outputs.append(out)
-            print(f"{name}: {runs[name]['seconds']:.1f} s", flush=True)
     for base in filter(None, args.quantized.split(",")):
         name = f"{base}-gptq-w4g128"
         out = work / name
-        shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "compress", "quantize", "--model", str(work / base), "--out", str(out),
                "--method", "gptq", "--bits", "4", "--group-size", "128", *calib, "--device", "cpu", "--no-eval"]
-        runs[name] = {"command": " ".join(cmd[1:]), **run_measured(cmd, work / f"{name}.log")}
+        runs[name] = run_once(cmd, out, work, args.reuse)
         outputs.append(out)
-        print(f"{name}: {runs[name]['seconds']:.1f} s", flush=True)
     dense_q = work / "dense-gptq-w4g128"
-    shutil.rmtree(dense_q, ignore_errors=True)
     cmd = [sys.executable, "-m", "compress", "quantize", "--model", str(src), "--out", str(dense_q), "--method", "gptq",
            "--bits", "4", "--group-size", "128", *calib, "--device", "cpu", "--no-eval"]
-    runs[dense_q.name] = {"command": " ".join(cmd[1:]), **run_measured(cmd, work / f"{dense_q.name}.log")}
+    runs[dense_q.name] = run_once(cmd, dense_q, work, args.reuse)
     outputs.append(dense_q)
 
-    report = compare(outputs, EvalConfig(device="cpu", latency=False, ppl_tokens=16384, kl_tokens=4096))
+    report = compare(outputs, EvalConfig(device="cpu", latency=False, ppl_tokens=args.ppl_tokens, kl_tokens=args.kl_tokens))
     print(report.table(), flush=True)
     results = {}
     for r in report.results:
@@ -83,6 +80,19 @@ def main() -> None:
         checks[setting] = {m: added[m] / added["magnitude"] if added["magnitude"] > 0 else None for m in METHODS[1:]}
     Path(args.json).write_text(json.dumps({"results": results, "added_ppl_vs_magnitude": checks}, indent=2))
     print_markdown(results, checks, src.name)
+
+
+def run_once(cmd: list[str], out: Path, work: Path, reuse: bool) -> dict:
+    """Run one CLI job in its own process (wall time, peak RSS); with ``reuse`` an existing output is kept."""
+    from gptq import run_measured
+
+    record = {"command": " ".join(["compress", *cmd[3:]])}
+    if reuse and out.is_dir():
+        return record
+    shutil.rmtree(out, ignore_errors=True)
+    record.update(run_measured(cmd, work / f"{out.name}.log"))
+    print(f"{out.name}: {record['seconds']:.1f} s", flush=True)
+    return record
 
 
 def print_markdown(results: dict, checks: dict, dense: str) -> None:
