@@ -206,3 +206,11 @@ def test_bad_inputs_leave_the_model_unchanged(tiny_model, arch, kind, kwargs, me
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert model.config.to_dict() == config_before and type(model).__name__.startswith(("Bert", "Llama", "GPT2"))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_taylor_on_a_classifier_without_labels(tiny_model):
+    """Unlabeled calibration text: the classifier's own predictions stand in for the labels."""
+    model = _auto("classifier").from_pretrained(tiny_model("bert", "classifier")).eval()
+    report = prune_structured(model, heads=0.5, ffn=0.5, importance="taylor", batches=_batches())
+    assert report.heads == (4, 2) and report.ffn == (80, 40)
+    assert all(p.grad is None for p in model.parameters())

@@ -38,7 +38,8 @@ Importance (higher = kept):
   tokens) times the norm of its columns there.
 - ``taylor``: first-order Taylor, sum over the unit's weights and biases of |w * dL/dw|, the gradient
   summed over ``batches``; L is the model's own loss when the batches carry ``labels``, else the
-  language-modelling loss on ``input_ids`` (causal or masked LM heads only).
+  language-modelling loss on ``input_ids`` (causal or masked LM heads), or for a classifier the loss
+  against its own predictions (calibration text has no labels); a bare encoder needs labels.
 """
 
 from __future__ import annotations
@@ -354,6 +355,10 @@ def _lm_loss_kind(model: nn.Module) -> bool:
     return name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM"))
 
 
+def _classifier_kind(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification"))
+
+
 def accumulate_gradients(model: nn.Module, layers: list[Layer], batches) -> None:
     """Sum the loss gradients over ``batches`` into the pruned Linear layers' ``.grad`` (dropout off)."""
     linears = {id(m): m for lay in layers for m in (lay.q, lay.k, lay.v, lay.o, *lay.ffn_in, lay.ffn_out)}.values()
@@ -368,9 +373,15 @@ def accumulate_gradients(model: nn.Module, layers: list[Layer], batches) -> None
     try:
         with torch.enable_grad():
             for batch in _batches_on(batches, device):
-                if "labels" not in batch:  # the LM loss on the inputs themselves, padding ignored
+                if "labels" not in batch and _lm_loss_kind(model):  # the LM loss on the inputs, padding ignored
                     labels = batch["input_ids"]
                     if batch.get("attention_mask") is not None:
+                        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+                    batch = {**batch, "labels": labels}
+                elif "labels" not in batch:  # a classifier: its own predictions stand in for the labels
+                    with torch.no_grad():
+                        labels = model(**batch).logits.argmax(-1)
+                    if labels.dim() == 2 and batch.get("attention_mask") is not None:
                         labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
                     batch = {**batch, "labels": labels}
                 out = model(**batch)
@@ -485,7 +496,8 @@ def prune_structured(model, heads: float = 0.0, ffn: float = 0.0, importance: st
         raise CompressError(f"importance '{importance}' is not one of {', '.join(IMPORTANCES)}")
     if importance != "weight" and not batches:
         raise CompressError(f"{importance} importance needs calibration batches: pass batches or use weight importance")
-    if importance == "taylor" and not _lm_loss_kind(model) and not all("labels" in b for b in batches):
+    if (importance == "taylor" and not _lm_loss_kind(model) and not _classifier_kind(model)
+            and not all("labels" in b for b in batches)):
         raise CompressError(f"taylor importance on a {type(model).__name__} needs batches with labels for its loss")
     layers = find_layers(model)
     n_groups, n_neurons = plan_counts(layers[0], heads, ffn)
