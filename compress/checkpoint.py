@@ -42,7 +42,8 @@ class CheckpointReader:
     """Lazy access to the tensors of a model folder.
 
     Use as a context manager; ``keys()`` lists tensor names, ``get(name)`` loads one tensor,
-    ``info(name)`` gives (dtype, shape) without loading it.
+    ``info(name)`` gives (dtype, shape) without loading it. Pruned weights stored as a bitmask plus
+    their nonzero values (compress.prune.sparse_format) are listed and returned as the dense tensors.
     """
 
     RELEASE_EVERY = 256 * 1024**2  # bytes handed out before the files are unmapped again
@@ -53,6 +54,7 @@ class CheckpointReader:
         self._where: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._bin: dict[str, torch.Tensor] | None = None
+        self._sparse: dict[str, tuple[str, str, str]] = {}
         files = sorted(self.folder.glob("*.safetensors"))
         if files:
             self._index_safetensors(files)
@@ -93,6 +95,17 @@ class CheckpointReader:
             self._handles[f] = handle
             for k in names:
                 self._where[k] = f
+        self._index_sparse()
+
+    def _index_sparse(self) -> None:
+        # pruned weights stored as bitmask + values (compress.prune.sparse_format) read back as dense tensors
+        if any(k.endswith("_bitmask") for k in self._where):
+            from .prune.sparse_format import sparse_entries
+
+            self._sparse = sparse_entries(self._where)
+        dense_of = {triple[0]: key for key, triple in self._sparse.items()}
+        parts = {p for triple in self._sparse.values() for p in triple}
+        self._keys = [dense_of.get(k, k) for k in self._where if k not in parts or k in dense_of]
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -124,10 +137,10 @@ class CheckpointReader:
         return handle
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._keys) if self._bin is None else list(self._where)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._sparse or key in self._where
 
     def files(self) -> list[Path]:
         return sorted(set(self._where.values()))
@@ -136,6 +149,10 @@ class CheckpointReader:
         """Load tensor ``key`` (a CompressError if the file turns out to be damaged)."""
         if self._bin is not None:
             return self._bin[key]
+        if key in self._sparse:
+            from .prune.sparse_format import decode
+
+            return decode(*(self.get(part) for part in self._sparse[key]))
         try:
             tensor = self._handle(self._where[key]).get_tensor(key)
             self._since_release += tensor.numel() * tensor.element_size()
@@ -152,11 +169,14 @@ class CheckpointReader:
         if self._bin is not None:
             t = self._bin[key]
             return t.dtype, tuple(t.shape)
+        if key in self._sparse:
+            bitmask, values, shape = self._sparse[key]
+            return self.info(values)[0], tuple(int(x) for x in self.get(shape).tolist())
         sl = self._handle(self._where[key]).get_slice(key)
         return _SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32), tuple(sl.get_shape())
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for key in self._where:
+        for key in self.keys():
             yield key, self.get(key)
 
 

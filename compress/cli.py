@@ -18,7 +18,7 @@ from . import __version__
 from .errors import CompressError
 
 # command modules under compress/commands, in the order --help lists them
-COMMANDS = ("quantize", "export", "distill", "finetune", "qat", "eval")
+COMMANDS = ("quantize", "export", "distill", "finetune", "prune", "qat", "eval")
 
 
 class Parser(argparse.ArgumentParser):

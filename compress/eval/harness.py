@@ -45,6 +45,20 @@ def describe_quantization(quant: dict | None, dtype: torch.dtype | None = None) 
     return str(method)
 
 
+def _sparsity_label(path: Path) -> str:
+    """' 2:4' or ' 50% sparse' for a pruned model (config.json's sparsity_config), else ''."""
+    import json
+
+    try:
+        section = json.loads((Path(path) / "config.json").read_text()).get("sparsity_config") or {}
+    except (OSError, ValueError):
+        return ""
+    if not section:
+        return ""
+    target = str(section.get("target", ""))
+    return f" {target}" if ":" in target else f" {section.get('sparsity', 0):.0%} sparse"
+
+
 def _stored_dtype(loaded: LoadedModel) -> torch.dtype | None:
     from ..checkpoint import CheckpointReader
 
@@ -84,7 +98,7 @@ def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, 
         name=loaded.name,
         path=str(loaded.path),
         kind=loaded.kind,
-        quantization=describe_quantization(loaded.quantization, _stored_dtype(loaded)),
+        quantization=describe_quantization(loaded.quantization, _stored_dtype(loaded)) + _sparsity_label(loaded.path),
         weights_bytes=measure.weights_bytes(loaded.path),
         folder_bytes=measure.folder_bytes(loaded.path),
         bits_per_weight=measure.bits_per_weight(loaded),

@@ -146,6 +146,8 @@ def write_config_files(source: Path, out: Path, quantization_config: dict, dtype
     input's other files."""
     config = read_config_dict(source)
     config["quantization_config"] = quantization_config
+    if config.get("sparsity_config"):  # a pruned input: its zeros survive in the quantized codes, stored densely
+        config["sparsity_config"] = {**config["sparsity_config"], "format": "dense"}
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         config["torch_dtype"] = name

@@ -106,6 +106,7 @@ def quantize_weight(
     mse: bool = False,
     name: str = "",
     prepared: InverseHessian | None = None,
+    mask: torch.Tensor | None = None,
 ) -> QuantResult:
     """GPTQ-quantize ``weight`` [N, K] given the Hessian [K, K] of its inputs.
 
@@ -121,6 +122,9 @@ def quantize_weight(
         mse: search the clipping range of each group for the smallest error instead of using min/max.
         name: layer name for error messages.
         prepared: the result of prepare_hessian for this Hessian (then ``hessian`` may be None).
+        mask: bool [N, K], False where a weight was pruned: those are coded as the zero point, so they
+            dequantize to exactly 0, and their error is spread like any rounding error (a pruned model
+            stays pruned with the same mask).
 
     Returns:
         QuantResult with codes in the original column order and ``loss`` = half the sum over columns
@@ -136,6 +140,9 @@ def quantize_weight(
     group = k if spec.group_size == -1 else spec.group_size
     params = (lambda x: choose_qparams_mse(x, spec.bits, spec.sym)) if mse else (lambda x: choose_qparams(x, spec.bits, spec.sym))
     w[:, prep.dead] = 0
+    keep = mask.to(device=w.device, dtype=torch.bool) if mask is not None else None
+    if keep is not None:
+        w[~keep] = 0
     num_groups = -(-k // group)
     scales = torch.zeros(n, num_groups, device=w.device)
     zeros = torch.zeros(n, num_groups, device=w.device)
@@ -148,6 +155,7 @@ def quantize_weight(
     perm = prep.perm
     if perm is not None:
         w = w[:, perm]
+        keep = keep[:, perm] if keep is not None else None
     # group of each processed column: runs in processing order, or the original column's group
     order = perm if perm is not None else torch.arange(k, device=w.device)
     col_group = (order // group) if fixed else (torch.arange(k, device=w.device) // group)
@@ -160,6 +168,7 @@ def quantize_weight(
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
+        keep1 = keep[:, i1:i2] if keep is not None else None
         q1 = torch.empty_like(w1)
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
@@ -172,10 +181,14 @@ def quantize_weight(
                 if not fixed and col % group == 0:
                     # the group's range comes from its columns as updated so far
                     span = torch.cat([w1[:, i:], w[:, i2:col + group]], dim=1)[:, :group]
+                    if keep is not None:  # pruned weights will be zero, whatever the updates made of them
+                        span = span * torch.cat([keep1[:, i:], keep[:, i2:col + group]], dim=1)[:, :group]
                     scales[:, g], zeros[:, g] = params(span)
                 scale, zero, current = scales[:, g], zeros[:, g], g
             x = w1[:, i]
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+            if keep1 is not None:
+                q = torch.where(keep1[:, i], q, zero)
             e = (x - scale * (q - zero)) / diag[i]
             q1[:, i] = q
             err1[:, i] = e

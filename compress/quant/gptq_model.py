@@ -18,7 +18,7 @@ from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, ato
 from ..config import GPTQConfig
 from ..data import calibration
 from ..errors import CompressError
-from ..models import load_tokenizer, max_positions, resolve_device, resolve_model_path
+from ..models import load_tokenizer, max_positions, read_config_dict, resolve_device, resolve_model_path
 from .apply import (LayerReport, QuantizeReport, cast_floating, default_output, output_dtype, plan_targets,
                     write_config_files)
 from .formats import gptq_quantization_config, gptq_tensors, vllm_refusals
@@ -42,9 +42,10 @@ class HessianObserver:
 class GPTQMethod:
     """The calibration runner's method for GPTQ: Hessian observers, quantize_weight as the solve."""
 
-    def __init__(self, config: GPTQConfig, specs: dict):
+    def __init__(self, config: GPTQConfig, specs: dict, keep_zeros: bool = False):
         self.config = config
         self.specs = specs  # layer name -> QuantSpec
+        self.keep_zeros = keep_zeros  # a pruned model: its zeros are a fixed mask that stays exactly zero
 
     def wants(self, name: str) -> bool:
         return name in self.specs
@@ -58,7 +59,8 @@ class GPTQMethod:
         if observer.prepared is None:
             observer.prepared = prepare_hessian(observer.hessian, damp=cfg.damp, act_order=cfg.act_order, name=name)
         result = quantize_weight(weight, None, self.specs[name], static_groups=cfg.static_groups,
-                                 block_size=cfg.block_size, mse=cfg.mse, name=name, prepared=observer.prepared)
+                                 block_size=cfg.block_size, mse=cfg.mse, name=name, prepared=observer.prepared,
+                                 mask=(weight != 0) if self.keep_zeros else None)
         return result.dequantize(weight.dtype).to(weight.device), result
 
 
@@ -102,7 +104,8 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
                               config.seed, text_field=config.text_field)
         by_name = {t.name: t for t in targets}
         dtype = output_dtype(config.dtype, reader)
-        method = GPTQMethod(config, {t.name: t.spec for t in targets})
+        method = GPTQMethod(config, {t.name: t.spec for t in targets},
+                            keep_zeros=bool(read_config_dict(source).get("sparsity_config")))
         runner = Runner(skeleton, reader, key_of, device=dev, dtype=compute_dtype(dev, reader), blocks=config.blocks,
                         batch_size=config.calib_batch_size,
                         offload_dir=default_offload_dir() if config.offload else None,
