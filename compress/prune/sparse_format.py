@@ -12,8 +12,8 @@ A float16 weight at 50% sparsity costs 1 + 8 = 9 bits per weight instead of 16; 
 32. A layer is written this way only when that is smaller than its dense form. config.json carries
 ``sparsity_config`` (format ``bitmask``, the method, the target and the measured sparsity of each layer).
 :class:`compress.checkpoint.CheckpointReader` decodes these entries transparently, so ``compress.load``,
-``compress quantize``, the GGUF exporter and the harness see ordinary dense tensors, and the harness's
-size column is the true file size.
+``compress quantize`` and the harness see ordinary dense tensors, and the harness's size column is the
+true file size. Readers that do not go through it need the dense storage (``--storage dense``).
 """
 
 from __future__ import annotations
