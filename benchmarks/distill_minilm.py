@@ -19,26 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+from hostinfo import cpu_name  # the scripts beside it (benchmarks/ is on sys.path)
 
 
 def compress(*args: str) -> None:
     cmd = [sys.executable, "-m", "compress", *args]
     print("$ compress " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

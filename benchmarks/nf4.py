@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,21 +31,9 @@ import compress
 from compress import EvalConfig, NF4Config, RTNConfig
 from compress.config import GPTQConfig
 from compress.quant import nf4
+from hostinfo import machine  # the scripts beside it (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -37,6 +35,7 @@ import compress
 from compress import NF4Config, RTNConfig
 from compress.config import GPTQConfig
 from compress.qat import LoraRecoveryConfig, merge_adapters, recover_model
+from hostinfo import machine  # the scripts beside it (benchmarks/ is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 BASES = {
@@ -44,19 +43,6 @@ BASES = {
     "int3": ("int3 g128 RTN", RTNConfig(bits=3, group_size=128)),
     "nf4": ("NF4 b64 dq", NF4Config(blocksize=64, double_quant=True)),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f}")
 
 
 def reference_lm() -> Path:

@@ -6,7 +6,16 @@ not transformers, triton, bitsandbytes or llama_cpp, and never initializes CUDA.
 
 from __future__ import annotations
 
+import logging
+
+from .lazy import lazy_exports
+
 __version__ = "0.1.0"
+
+# transformers' Trainer imports bitsandbytes (directly, and through peft) when it is installed; its CPU
+# backend then logs a warning about an optional kernel package compress never uses, which would be the
+# one stray line on stderr of every training command
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "CompressError": ("compress.errors", "CompressError"),
@@ -32,15 +41,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        module, attr = _EXPORTS[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -134,11 +134,6 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # bitsandbytes (imported by transformers' Trainer when installed) warns on every import that the
-    # optional Hugging Face `kernels` package is missing; it then uses its own CPU code, as we want
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # already imported (the CLI called in-process): the variable was read
         from transformers.utils import logging as hf_logging
 

@@ -263,6 +263,38 @@ def block_linears(model: nn.Module, override: str | None = None) -> list[dict[st
     return [find_linears(block, f"{name}.{i}") for i, block in enumerate(blocks)]
 
 
+def plan_block_linears(source: Path, keys, choose, *, blocks: str | None = None, trust_remote_code: bool = False,
+                       verb: str = "quantize", quantized_hint: str = "quantize its full-precision original"):
+    """Walk the Linear layers of a full-precision model folder's blocks without loading its weights.
+
+    ``keys`` are the checkpoint's tensor names; ``choose(name)`` gives a layer's setting, or None to skip
+    it. Returns (kind, skeleton, key_of, chosen, skipped) where chosen lists (name, module, weight key,
+    block index, setting). A quantized folder, a layer without a weight, or nothing left to ``verb``
+    raises CompressError.
+    """
+    config_dict = read_config_dict(source)
+    if config_dict.get("quantization_config"):
+        method = config_dict["quantization_config"].get("quant_method", "unknown")
+        raise CompressError(f"model {source} is already quantized ({method}); {quantized_hint}")
+    kind = detect_kind(source, config_dict)
+    skeleton = build_skeleton(load_config(source, trust_remote_code), kind, trust_remote_code)
+    key_of = checkpoint_key_map(skeleton, keys)
+    chosen, skipped = [], []
+    for block, linears in enumerate(block_linears(skeleton, blocks)):
+        for name, module in linears.items():
+            setting = choose(name)
+            if setting is None:
+                skipped.append(name)
+                continue
+            key = key_of.get(f"{name}.weight")
+            if key is None:
+                raise CompressError(f"the checkpoint has no weight for layer {name}")
+            chosen.append((name, module, key, block, setting))
+    if not chosen:
+        raise CompressError(f"no Linear layer is left to {verb} (every one matches --skip)")
+    return kind, skeleton, key_of, chosen, skipped
+
+
 def select_targets(names: list[str], skip: list[str]) -> list[str]:
     """Names that no ``skip`` regular expression matches (re.search)."""
     patterns = [re.compile(p) for p in skip]

@@ -16,12 +16,7 @@ The names below resolve lazily, so importing this package does not import transf
 
 from __future__ import annotations
 
-import logging
-
-# transformers' Trainer imports peft when it is installed, and peft imports bitsandbytes, whose CPU backend
-# logs a warning on AVX512-BF16 machines about an optional kernel package compress never uses: it would be
-# the one stray line on stderr of every training command
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "distill": "trainer", "DistillTrainer": "trainer", "DistillResult": "trainer", "save_student": "trainer",
@@ -34,11 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: (f"{__name__}.{module}", name) for name, module in _EXPORTS.items()})

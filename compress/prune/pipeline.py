@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
-from ..errors import CompressError
-from ..models import (DEFAULT_MODEL_NAME, block_linears, build_skeleton, checkpoint_key_map, detect_kind, is_conv1d,
-                      linear_shape, load_config, read_config_dict, resolve_device, resolve_model_path)
+from ..models import (DEFAULT_MODEL_NAME, plan_block_linears, is_conv1d,
+                      linear_shape, read_config_dict, resolve_device, resolve_model_path)
 from . import sparse_format
 from .unstructured import (LayerSparsity, PruneConfig, check_pattern_fits, global_threshold, magnitude_mask,
                            threshold_mask)
@@ -80,28 +78,14 @@ def default_output(source: Path, config: PruneConfig) -> Path:
 
 def plan_targets(source: Path, config: PruneConfig, reader: CheckpointReader, trust_remote_code: bool = False):
     """(targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each is pruned."""
-    config_dict = read_config_dict(source)
-    if config_dict.get("quantization_config"):
-        method = config_dict["quantization_config"].get("quant_method", "unknown")
-        raise CompressError(f"model {source} is quantized ({method}); prune its full-precision original, then quantize")
-    kind = detect_kind(source, config_dict)
-    skeleton = build_skeleton(load_config(source, trust_remote_code), kind, trust_remote_code)
-    key_of = checkpoint_key_map(skeleton, reader.keys())
-    targets, skipped = [], []
-    for linears in block_linears(skeleton, config.blocks):
-        for name, module in linears.items():
-            spec = config.sparsity_for(name)
-            if spec is None:
-                skipped.append(name)
-                continue
-            key = key_of.get(f"{name}.weight")
-            if key is None:
-                raise CompressError(f"the checkpoint has no weight for layer {name}")
-            k, n = linear_shape(module)
-            check_pattern_fits(name, k, spec)
-            targets.append(PruneTarget(name, key, k, n, is_conv1d(module), spec))
-    if not targets:
-        raise CompressError("no Linear layer is left to prune (every one matches --skip)")
+    _, skeleton, key_of, chosen, skipped = plan_block_linears(
+        source, reader.keys(), config.sparsity_for, blocks=config.blocks, trust_remote_code=trust_remote_code,
+        verb="prune", quantized_hint="prune its full-precision original, then quantize")
+    targets = []
+    for name, module, key, _, spec in chosen:
+        k, n = linear_shape(module)
+        check_pattern_fits(name, k, spec)
+        targets.append(PruneTarget(name, key, k, n, is_conv1d(module), spec))
     return targets, skipped, skeleton, key_of
 
 

@@ -41,7 +41,7 @@ def check_schedule(schedule: str, config: PruneConfig, options: RetrainOptions |
     if options is None:
         raise CompressError(f"--schedule {schedule} interleaves pruning with training: add --retrain --data SRC")
     if config.target.pattern is not None or any("pattern" in v for v in config.overrides.values()):
-        raise CompressError(f"an N:M pattern is reached in one step; use --schedule oneshot (with --retrain) for --pattern")
+        raise CompressError("an N:M pattern is reached in one step; use --schedule oneshot (with --retrain) for --pattern")
     if schedule == "cubic" and config.method != "magnitude":
         raise CompressError("--schedule cubic recomputes masks by magnitude during training; use --method magnitude, "
                             "or --schedule iterative for wanda and sparsegpt")

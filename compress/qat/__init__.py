@@ -17,6 +17,8 @@ The names below resolve lazily, so importing this package does not import transf
 
 from __future__ import annotations
 
+from ..lazy import lazy_exports
+
 _EXPORTS = {
     "FakeQuantLinear": "fake", "ActivationFakeQuant": "fake",
     "prepare": "core", "convert": "core", "QATCallback": "core", "set_fake_quant": "core", "freeze_ranges": "core",
@@ -27,11 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: (f"{__name__}.{module}", name) for name, module in _EXPORTS.items()})

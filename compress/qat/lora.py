@@ -138,12 +138,9 @@ def lora_targets(model: nn.Module, config: LoraRecoveryConfig) -> list[str]:
 def require_peft() -> None:
     """CompressError when peft, which adapter recovery builds on, is not installed."""
     import importlib.util
-    import logging
 
     if importlib.util.find_spec("peft") is None:
         raise CompressError("adapter recovery needs the peft package: pip install 'compress[lora]'")
-    # peft imports bitsandbytes, which warns about an optional CPU kernel package compress never uses
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def peft_config(model: nn.Module, config: LoraRecoveryConfig, task: str = "causal"):

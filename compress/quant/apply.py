@@ -21,8 +21,8 @@ import torch
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
 from ..config import GPTQConfig, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
-from ..models import (DEFAULT_MODEL_NAME, block_linears, build_skeleton, checkpoint_key_map, default_model_path,
-                      detect_kind, is_conv1d, linear_shape, load_config, read_config_dict, resolve_device,
+from ..models import (DEFAULT_MODEL_NAME, plan_block_linears, default_model_path,
+                      is_conv1d, linear_shape, read_config_dict, resolve_device,
                       resolve_model_path)
 from .formats import gptq_quantization_config, gptq_tensors, vllm_refusals
 from .primitives import QuantSpec, quantize_groups
@@ -103,28 +103,13 @@ def _is_default(source: Path) -> bool:
 def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointReader, trust_remote_code: bool = False):
     """(kind, targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each
     is quantized, the model's skeleton and the map from its state-dict names to checkpoint keys."""
-    config_dict = read_config_dict(source)
-    if config_dict.get("quantization_config"):
-        method = config_dict["quantization_config"].get("quant_method", "unknown")
-        raise CompressError(f"model {source} is already quantized ({method}); quantize its full-precision original")
-    kind = detect_kind(source, config_dict)
-    skeleton = build_skeleton(load_config(source, trust_remote_code), kind, trust_remote_code)
-    key_of = checkpoint_key_map(skeleton, reader.keys())
-    targets, skipped = [], []
-    for block, linears in enumerate(block_linears(skeleton, config.blocks)):
-        for name, module in linears.items():
-            spec = config.spec_for(name)
-            if spec is None:
-                skipped.append(name)
-                continue
-            key = key_of.get(f"{name}.weight")
-            if key is None:
-                raise CompressError(f"the checkpoint has no weight for layer {name}")
-            k, n = linear_shape(module)
-            bias_key = key_of.get(f"{name}.bias") if module.bias is not None else None
-            targets.append(LayerTarget(name, key, bias_key, k, n, is_conv1d(module), spec, block))
-    if not targets:
-        raise CompressError("no Linear layer is left to quantize (every one matches --skip)")
+    kind, skeleton, key_of, chosen, skipped = plan_block_linears(
+        source, reader.keys(), config.spec_for, blocks=config.blocks, trust_remote_code=trust_remote_code)
+    targets = []
+    for name, module, key, block, spec in chosen:
+        k, n = linear_shape(module)
+        bias_key = key_of.get(f"{name}.bias") if module.bias is not None else None
+        targets.append(LayerTarget(name, key, bias_key, k, n, is_conv1d(module), spec, block))
     return kind, targets, skipped, skeleton, key_of
 
 
