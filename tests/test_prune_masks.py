@@ -105,6 +105,18 @@ def test_wanda_prunes_weights_on_quiet_inputs():
 
 
 @pytest.mark.parametrize("spec", [LayerSparsity(0.5), LayerSparsity(0.5, (2, 4))])
+def test_wanda_output_error_is_below_magnitude_with_uneven_inputs(spec):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2048, 64, generator=g) * torch.rand(64, generator=g).pow(3).mul(8).add(0.1)
+    w = torch.randn(32, 64, generator=g)
+    errors = {}
+    for name, mask in (("wanda", wanda_prune(w, x.pow(2).sum(0), spec)[1]),
+                       ("magnitude", magnitude_mask(w, spec))):
+        errors[name] = float(((w * ~mask) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
+    assert errors["wanda"] < 0.6 * errors["magnitude"]
+
+
+@pytest.mark.parametrize("spec", [LayerSparsity(0.5), LayerSparsity(0.5, (2, 4))])
 def test_sparsegpt_reconstructs_better_than_magnitude(spec):
     x = _inputs()
     w = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
