@@ -1,5 +1,7 @@
 """Retraining with fixed masks, and the cubic and iterative schedules, on tiny models (a few steps each)."""
 
+import re
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ FAST = dict(data="builtin", batch_size=4, max_length=32, learning_rate=1e-3)
 
 
 def _block_weights(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"\.layers?\.\d+\.", n)}
 
 
 def test_retraining_keeps_every_pruned_weight_at_zero(tiny_model, tmp_path):
@@ -62,3 +64,31 @@ def test_embedding_models_retrain_only_by_distillation(tiny_model):
         retrain(loaded, RetrainOptions(steps=1, **FAST), device="cpu", progress=False)
     with pytest.raises(CompressError, match="training data"):
         RetrainOptions(data=None)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_classifier_retrains_on_labels_with_masks_fixed(tiny_model, tmp_path, distill):
+    from compress.prune.pipeline import prune
+
+    words = ["quick fox", "model folder", "weights scale", "tokenizer merges", "calibration data", "integer codes"]
+    labels = ("neg", "neu", "pos")
+    rows = ["text,label"] + [f"{words[i % 6]} number {i},{labels[i % 3]}" for i in range(60)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    source = tiny_model("bert", "classifier")
+    prune(source, tmp_path / "p", PruneConfig(sparsity=0.5, storage="dense"), device="cpu", progress=False)
+    loaded = load(tmp_path / "p")
+    assert loaded.kind == "classifier"
+    names = list(_block_weights(loaded.model))
+    assert len(names) == 12  # 2 layers x (q, k, v, attention output, intermediate, output)
+    masks = masks_from_zeros(loaded.model, names)
+    before = {n: loaded.model.get_submodule(n).weight.detach().clone() for n in names}
+    options = RetrainOptions(steps=4, distill=distill, data=str(tmp_path / "train.csv"), batch_size=8, max_length=16,
+                             learning_rate=1e-3)
+    metrics = retrain(loaded, options, masks=masks, teacher=load(source) if distill else None, device="cpu",
+                      progress=False)
+    assert metrics["train_loss"] > 0
+    for n in names:
+        w = loaded.model.get_submodule(n).weight.detach()
+        assert torch.equal(w != 0, masks[n])
+        assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert any(not torch.equal(loaded.model.get_submodule(n).weight, before[n]) for n in names)
