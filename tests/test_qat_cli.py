@@ -37,6 +37,26 @@ def test_qat_nf4_classifier(tiny_model, tmp_path):
     assert compress.load(out).quantization["bnb_4bit_quant_type"] == "nf4"
 
 
+def test_qat_classifier_distilled_with_hidden_states_and_a_transfer_set(tiny_model, tmp_path):
+    rows = ["text,label"] + [f"quick fox number {i} {['model', 'weights'][i % 2]},{['neg', 'pos'][i % 2]}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "transfer.txt").write_text("\n".join(f"unlabeled weights text {i}" for i in range(24)) + "\n")
+    out = tmp_path / "cls"
+    proc = run("qat", "--model", tiny_model("bert", "classifier"), "--bits", "3", "--group-size", "32",
+               "--data", tmp_path / "train.csv", *TRAIN, "--distill", "--alpha", "1", "--hidden-loss",
+               "--transfer-data", tmp_path / "transfer.txt", "--out", out, "--no-eval")
+    assert proc.returncode == 0, proc.stderr
+    from compress.data import load_texts
+    from compress.distill.data import read_labeled
+
+    labeled = len(read_labeled(str(tmp_path / "train.csv"), "train", "text", "label")[0])
+    unlabeled = len(load_texts(str(tmp_path / "transfer.txt"), "train", "text"))
+    assert unlabeled > 0 and f"on {labeled + unlabeled} classify examples" in proc.stdout
+    info = json.loads((out / "qat_config.json").read_text())
+    assert info["training"]["hidden_weight"] == 1.0 and info["distill"] is True
+    assert compress.load(out).quantization["bits"] == 3
+
+
 def test_qat_bad_inputs(tiny_model, tmp_path):
     src = tiny_model("llama")
     out = tmp_path / "o"
@@ -50,6 +70,9 @@ def test_qat_bad_inputs(tiny_model, tmp_path):
     rtn = tmp_path / "rtn"
     compress.quantize(src, rtn, RTNConfig(bits=4, group_size=32), progress=False)
     assert_clean_error(run("qat", "--model", rtn, "--data", "builtin", "--out", out, *TRAIN), "already quantized")
+    assert_clean_error(run("qat", "--model", src, "--data", "builtin", "--hidden-loss", "--out", out, *TRAIN), "add --distill")
+    assert_clean_error(run("qat", "--model", src, "--data", "builtin", "--distill", "--transfer-data", "builtin",
+                           "--out", out, *TRAIN), "needs a classifier")
     assert not out.exists()
 
 

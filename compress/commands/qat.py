@@ -11,7 +11,7 @@ from ..errors import CompressError
 
 
 def register(sub) -> None:
-    from .distill import add_training_flags
+    from .distill import _weight, add_training_flags
 
     p = sub.add_parser("qat", help="quantization-aware training: train with fake quantization, write the packed model",
                        description="Train a model with fake-quantized weights (int per-group or NF4), optionally "
@@ -40,6 +40,11 @@ def register(sub) -> None:
     k.add_argument("--distill", action="store_true", help="learn from the unquantized model's outputs too")
     k.add_argument("--temperature", type=float, default=2.0, help="softening temperature (default 2.0)")
     k.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term in [0, 1] (default 0.5)")
+    k.add_argument("--hidden-loss", type=_weight, nargs="?", const=1.0, default=0.0, metavar="W",
+                   help="also match the float model's hidden states layer by layer (MSE), weight W (default 1 when given)")
+    k.add_argument("--transfer-data", metavar="SRC",
+                   help="classifiers: unlabeled text learned from the float model's predictions alone (demo: the demo "
+                        "task's unlabeled set); needs --distill")
     a = p.add_argument_group("adapter recovery (instead of training the weights)")
     a.add_argument("--lora", action="store_true",
                    help="train LoRA adapters on a frozen quantized base: --model quantized already, or quantized "
@@ -63,7 +68,10 @@ def build_configs(args):
                     double_quant=not args.no_double_quant, act_bits=args.act_bits, quantize_head=args.quantize_head,
                     skip=args.skip, warmup_steps=args.warmup_steps, freeze_at=args.freeze_at)
     fields = training_fields(args)
-    train = DistillConfig(task="causal", temperature=args.temperature, alpha=args.alpha if args.distill else 0.0, **fields)
+    if (args.hidden_loss or args.transfer_data) and not args.distill:
+        raise CompressError("--hidden-loss and --transfer-data learn from the float model: add --distill")
+    train = DistillConfig(task="causal", temperature=args.temperature, alpha=args.alpha if args.distill else 0.0,
+                          hidden_weight=args.hidden_loss, **fields)
     return qat, train
 
 
@@ -127,7 +135,7 @@ def run(args) -> None:
         raise CompressError("--resume is not supported by compress qat; start the run again")
     report = qat_model(args.model, args.out, qat, train=train, data=args.data, distill=args.distill,
                        labeled=args.labeled, text_field=args.text_field, label_field=args.label_field,
-                       blocks=args.blocks, checkpoints=args.checkpoints, overwrite=args.overwrite, device=args.device,
+                       transfer=args.transfer_data, blocks=args.blocks, checkpoints=args.checkpoints, overwrite=args.overwrite, device=args.device,
                        trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
     print(report.summary())
     if args.no_eval:

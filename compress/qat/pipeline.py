@@ -65,7 +65,7 @@ def train_config(kind: str, train: DistillConfig | None, distill: bool) -> Disti
 
 def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None = None, data: str | None = None,
               distill: bool = False, labeled: str | None = None, text_field: str = "text", label_field: str = "label",
-              blocks: str | None = None, checkpoints=None, overwrite: bool = False, device: str = "auto",
+              transfer: str | None = None, blocks: str | None = None, checkpoints=None, overwrite: bool = False, device: str = "auto",
               trust_remote_code: bool = False, progress: bool = True) -> QATReport:
     """Train the model folder ``model_path`` with fake quantization and write the packed result to ``out``.
 
@@ -76,6 +76,8 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
         data: training data (builtin, a text/.jsonl/.csv file, demo, hf:NAME); labeled for classifiers.
         distill: learn from the unquantized model's outputs (temperature-scaled KL plus the task loss).
         labeled: held-out labeled data for a classifier's accuracy during training.
+        transfer: classifiers, with ``distill``: unlabeled texts (demo, or any text source) that only the
+            distillation term learns from, as a transfer set.
     """
     from ..distill.pipeline import _library_bars, _prepare_paths, _task_data
     from ..distill.trainer import distill as run_training
@@ -93,6 +95,9 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
                             f"full-precision model (for adapters on a quantized model use --lora)")
     kind = detect_kind(source, config_dict)
     tcfg = train_config(kind, train, distill)
+    if transfer is not None and (tcfg.task != "classify" or not tcfg.needs_teacher):
+        raise CompressError("--transfer-data adds unlabeled texts for a classifier distilled from its float model: "
+                            "it needs a classifier and --distill")
     if tcfg.task == "classify":
         from ..distill.pipeline import _precheck_labeled
 
@@ -107,7 +112,8 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
     if kind == "classifier":
         label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
         num_labels = model.config.num_labels
-    task_data = _task_data(tcfg.task, student.tokenizer, tcfg, data, label2id, num_labels, labeled, text_field, label_field)
+    task_data = _task_data(tcfg.task, student.tokenizer, tcfg, data, label2id, num_labels, labeled, text_field, label_field,
+                           transfer)
     callback = QATCallback(config)
     result = run_training(teacher, model, task_data, tcfg, output_dir=ckdir, tokenizer=student.tokenizer,
                           teacher_pooling=student.pooling, student_pooling=student.pooling, callbacks=[callback],
