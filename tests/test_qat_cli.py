@@ -88,3 +88,19 @@ def test_qat_lora_merge_end_to_end(tiny_model, tmp_path):
     assert compress.load(out).quantization["quant_method"] == "gptq"
     assert_clean_error(run("qat", "--model", tmp_path / "merged-base-w4", "--lora", "--distill", "--data", "builtin",
                            "--out", tmp_path / "x", *TRAIN), "needs --teacher")
+
+
+def test_qat_lora_classifier_adapters_in_the_table(tiny_model, tmp_path):
+    """--lora without --merge on a classifier: the closing table has the float model, the base and the adapters."""
+    rows = ["text,label"] + [f"quick fox number {i} {['model', 'weights'][i % 2]},{['neg', 'pos'][i % 2]}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    src = tiny_model("bert", "classifier")
+    out = tmp_path / "ad"
+    proc = run("qat", "--model", src, "--lora", "--lora-rank", "4", "--bits", "3", "--group-size", "32", "--data",
+               tmp_path / "train.csv", "--labeled", tmp_path / "train.csv", *TRAIN, "--distill", "--out", out, *QUICK,
+               "--json", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "label loss" not in proc.stdout and "distilled from" in proc.stdout
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [r["name"] for r in results] == [src.name, "ad-base-w3", "ad"]
+    assert results[2]["quantization"] == "rtn w3 g32 asym +lora r4" and "accuracy" in results[2]["metrics"]

@@ -186,3 +186,63 @@ def test_adapters_refuse_another_base(bases, tmp_path):
     with pytest.raises(CompressError) as e:
         recover_model(bases["int4"], tmp_path / "ad", LoraRecoveryConfig(steps=1, **FAST), progress=False)
     assert "already exists" in _one_sentence(e)
+
+
+def _trained_classifier(source, rows, out):
+    """The tiny classifier trained a few dozen steps on ``rows``, so its predictions are far from uniform."""
+    loaded = compress.load(source)
+    model, tok = loaded.model.train(), loaded.tokenizer
+    texts = [r.rsplit(",", 1)[0] for r in rows[1:]]
+    labels = torch.tensor([model.config.label2id[r.rsplit(",", 1)[1]] for r in rows[1:]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    for step in range(20):
+        idx = torch.randint(0, len(texts), (16,))
+        batch = tok([texts[i] for i in idx], padding=True, return_tensors="pt")
+        model(**batch, labels=labels[idx]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_classifier_adapters_learn_the_float_predictions_and_evaluate(tiny_model, tmp_path):
+    """A 2-bit classifier: adapters distilled on labeled text move its logits toward the float model's, the
+    float head stays frozen, and the harness reads the adapter folder as base plus adapters."""
+    from compress.config import EvalConfig
+    from compress.eval.harness import compare
+
+    words = ["quick fox", "model folder", "weights scale", "tokenizer merges", "calibration data", "integer codes"]
+    rows = ["text,label"] + [f"{words[i % 6]} {words[(i * 5) % 6]} number {i},{['neg', 'neu', 'pos'][i % 3]}"
+                             for i in range(96)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    float_dir = _trained_classifier(tiny_model("bert", "classifier"), rows, tmp_path / "float")
+    compress.quantize(float_dir, tmp_path / "w3", RTNConfig(bits=2, group_size=32), progress=False)
+    tok = compress.load(float_dir).tokenizer
+    batch = tok([r.split(",")[0] for r in rows[1:17]], padding=True, return_tensors="pt")
+    teacher = compress.load(float_dir).model(**batch).logits.detach()
+    err_before = float((compress.load(tmp_path / "w3").model(**batch).logits.detach() - teacher).pow(2).mean())
+    config = LoraRecoveryConfig(steps=30, learning_rate=3e-3, distill=True, temperature=1.0, **FAST)
+    report = recover_model(tmp_path / "w3", tmp_path / "ad", config, data=str(tmp_path / "train.csv"), teacher=float_dir,
+                           progress=False)
+    assert report.task == "classify" and "distilled" in report.summary()
+    assert not any(p.requires_grad for n, p in report.model.named_parameters() if "classifier" in n)
+    err_after = float((report.model(**batch).logits.detach() - teacher).pow(2).mean())
+    assert err_after < 0.7 * err_before
+    result = compare([float_dir, tmp_path / "w3", tmp_path / "ad"], EvalConfig(device="cpu", latency=False, samples=16,
+                                                                               labeled=str(tmp_path / "train.csv")),
+                     progress=False)
+    ad = result.results[2]
+    assert ad.name == "ad" and ad.quantization == "rtn w2 g32 +lora r4"
+    assert ad.weights_bytes > result.results[1].weights_bytes
+    assert ad.bits_per_weight > result.results[1].bits_per_weight
+    assert 0 <= ad.metrics["accuracy"] <= 1 and "kl" in ad.metrics
+
+
+def test_embedding_bases_are_refused(tiny_model, tmp_path):
+    compress.quantize(tiny_model("bert", "embedding"), tmp_path / "emb", RTNConfig(bits=4, group_size=32), progress=False)
+    with pytest.raises(CompressError) as e:
+        recover_model(tmp_path / "emb", tmp_path / "o", LoraRecoveryConfig(steps=1, **FAST), progress=False)
+    assert "embedding model" in _one_sentence(e)
+    assert not (tmp_path / "o").exists()

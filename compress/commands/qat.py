@@ -88,7 +88,7 @@ def _baseline(source: Path, folder: Path, qat, device: str):
 
 
 def run_lora(args, qat) -> None:
-    """--lora: adapters on a frozen quantized base, then the table (float, base, merged result)."""
+    """--lora: adapters on a frozen quantized base, then the table (float, base, base with adapters or merged)."""
     from ..models import read_config_dict, resolve_model_path
     from ..qat.lora import LoraRecoveryConfig, recover_model
 
@@ -120,8 +120,9 @@ def run_lora(args, qat) -> None:
                            device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
     print(report.summary())
     if not args.no_eval:
-        reference = teacher or source
-        run_eval([reference, base, *([out] if args.merge else [])], args)
+        if args.labeled is None and report.eval_file is not None:
+            args.labeled = str(report.eval_file)
+        run_eval([teacher or source, base, out], args)
 
 
 def run(args) -> None:

@@ -77,9 +77,17 @@ def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, 
     while running the latency workload (prefill and decode, or one encoder batch). That workload runs
     after the accuracy evaluation, so one-time costs of a first forward pass are not counted.
     """
+    from ..qat.lora import is_adapter_folder, load_with_adapters
+
     start = time.perf_counter()
+    adapters = None if isinstance(item, LoadedModel) or item is None or not is_adapter_folder(item) else Path(item)
     with measure.PeakMemory(device) as load_mem:
-        loaded = item if isinstance(item, LoadedModel) else load(item, device=device, trust_remote_code=trust_remote_code)
+        if isinstance(item, LoadedModel):
+            loaded = item
+        elif adapters is not None:  # LoRA adapters on a quantized base: measured as base plus adapters
+            loaded = load_with_adapters(adapters, device=str(device))
+        else:
+            loaded = load(item, device=device, trust_remote_code=trust_remote_code)
     metrics, outputs = EVALUATORS[loaded.kind](loaded, cfg, ref)
     repeats, warmup = (cfg.repeats, cfg.warmup) if cfg.latency else (1, 0)
     with measure.PeakMemory(device) as run_mem:
@@ -94,14 +102,19 @@ def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, 
     peak = None
     if load_mem.peak is not None and run_mem.peak is not None:
         peak = max(load_mem.peak, (load_mem.end or 0) + run_mem.peak)
+    label = describe_quantization(loaded.quantization, _stored_dtype(loaded)) + _sparsity_label(loaded.path)
+    weights, folder = measure.weights_bytes(loaded.path), measure.folder_bytes(loaded.path)
+    if adapters is not None:
+        label += f" +lora r{_adapter_rank(adapters)}"
+        weights, folder = weights + measure.weights_bytes(adapters), folder + measure.folder_bytes(adapters)
     result = ModelResult(
-        name=loaded.name,
-        path=str(loaded.path),
+        name=adapters.name if adapters is not None else loaded.name,
+        path=str(adapters if adapters is not None else loaded.path),
         kind=loaded.kind,
-        quantization=describe_quantization(loaded.quantization, _stored_dtype(loaded)) + _sparsity_label(loaded.path),
-        weights_bytes=measure.weights_bytes(loaded.path),
-        folder_bytes=measure.folder_bytes(loaded.path),
-        bits_per_weight=measure.bits_per_weight(loaded),
+        quantization=label,
+        weights_bytes=weights,
+        folder_bytes=folder,
+        bits_per_weight=_adapted_bits(loaded, adapters) if adapters is not None else measure.bits_per_weight(loaded),
         params=measure.count_parameters(loaded.model),
         peak_bytes=peak,
         latency=latency,
@@ -109,6 +122,29 @@ def evaluate_one(item, cfg: EvalConfig, ref: dict | None, device: torch.device, 
         seconds=time.perf_counter() - start,
     )
     return result, outputs
+
+
+def _adapted_bits(loaded: LoadedModel, adapters: Path) -> float | None:
+    """Bits per weight of the base's quantized layers plus the adapters' stored bits spread over them."""
+    import dataclasses
+
+    from ..quant.linear import QuantModule
+
+    base = loaded.model.get_base_model()
+    bits = measure.bits_per_weight(dataclasses.replace(loaded, model=base))
+    weights = sum(m.num_weights for m in base.modules() if isinstance(m, QuantModule))
+    if bits is None or not weights:
+        return None
+    return bits + 8 * measure.weights_bytes(adapters) / weights
+
+
+def _adapter_rank(folder: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((folder / "adapter_config.json").read_text()).get("r", "?"))
+    except (OSError, ValueError):
+        return "?"
 
 
 def _warm_up(models, cfg: EvalConfig, trust_remote_code: bool) -> None:
@@ -119,9 +155,18 @@ def _warm_up(models, cfg: EvalConfig, trust_remote_code: bool) -> None:
 
     if not cfg.labeled:
         _heldout(cfg)
+    from ..qat.lora import RECOVERY_FILE, is_adapter_folder
+
     for item in models:
         if isinstance(item, LoadedModel):
             continue
+        if item is not None and is_adapter_folder(item):  # warm up the base the adapters belong to
+            import json
+
+            try:
+                item = json.loads((Path(item) / RECOVERY_FILE).read_text())["base"]
+            except (OSError, ValueError, KeyError):
+                raise CompressError(f"{item} holds adapters but its {RECOVERY_FILE} is unreadable") from None
         path = resolve_model_path(item)
         build_skeleton(load_config(path, trust_remote_code), detect_kind(path, read_config_dict(path)), trust_remote_code)
         load_tokenizer(path, trust_remote_code)

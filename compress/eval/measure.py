@@ -68,6 +68,7 @@ def bits_per_weight(loaded: LoadedModel) -> float | None:
     total_bits, total_weights = 0, 0
     for name in quantized_layer_names(model):
         module = model.get_submodule(name)
+        name = name.removesuffix(".base_layer")  # a layer wrapped by LoRA adapters is stored under its own name
         keys = [k for k in (f"{name}.", f"{name[len(prefix) + 1:]}." if prefix and name.startswith(prefix + ".") else None,
                             f"{prefix}.{name}." if prefix else None) if k]
         entries = {}

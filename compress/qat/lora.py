@@ -3,8 +3,9 @@
 A model quantized by compress (GPTQ-format int from ``--method rtn|gptq``, or bitsandbytes-layout NF4)
 is loaded as it is, peft wraps its quantized layers with :class:`~compress.qat.lora_layer.QuantLoraLayer`
 (low-rank A and B beside the packed weight), and only A and B train, on the next-token loss of any text
-source of compress.data or, with a teacher, on the float model's softened predictions (distillation
-through :func:`compress.distill.distill`, the trainer every training path of compress shares).
+source of compress.data (labeled examples for a sequence classifier, whose float head stays frozen)
+or, with a teacher, on the float model's softened predictions (distillation through
+:func:`compress.distill.distill`, the trainer every training path of compress shares).
 
 The result is either the adapters on their own (peft's ``adapter_config.json`` and
 ``adapter_model.safetensors`` plus ``recovery.json`` naming the base they belong to; load them with
@@ -36,7 +37,7 @@ from ..models import LoadedModel, read_config_dict, resolve_model_path
 
 RECOVERY_FILE = "recovery.json"  # next to the adapters: which base they belong to and how they were trained
 MERGED_FILE = "adapter_recovery.json"  # in a merged folder: where it came from
-ADAPTER_KINDS = {"causal": "causal", "masked": "mlm"}  # model kind -> language-modelling task it trains on
+ADAPTER_KINDS = {"causal": "causal", "masked": "mlm", "classifier": "classify"}  # model kind -> training task
 
 
 @dataclass
@@ -295,9 +296,12 @@ class RecoveryReport:
     requantized: dict | None = None  # the config the merged model was quantized with
     metrics: dict = field(default_factory=dict)
     model: nn.Module | None = None  # the trained peft model (adapters kept apart, CPU, eval mode); None after a merge
+    eval_file: Path | None = None  # the held-out labeled file of a classifier's data, when it has one
+    task: str = "causal"  # what the adapters trained on: causal, mlm or classify
 
     def summary(self) -> str:
-        how = f"distilled from {self.teacher.name}" if self.teacher else "next-token loss"
+        own = {"classify": "label loss", "mlm": "masked-token loss"}.get(self.task, "next-token loss")
+        how = f"distilled from {self.teacher.name}" if self.teacher else own
         loss = self.metrics.get("train_loss")
         loss_text = f", mean training loss {loss:.4f}" if isinstance(loss, float) else ""
         kept = (f"merged and re-quantized ({self.requantized.get('method', '?')})" if self.merged
@@ -306,9 +310,23 @@ class RecoveryReport:
                 f"parameters, {how}{loss_text}) in {self.seconds:.0f} s; {kept} -> {self.output}")
 
 
-def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str):
-    from ..distill.data import lm_data
+def is_adapter_folder(path) -> bool:
+    """True for a folder of adapters written by :func:`recover_model` (peft files plus recovery.json)."""
+    folder = Path(path).expanduser()
+    return (folder / "adapter_config.json").is_file() and (folder / RECOVERY_FILE).is_file()
 
+
+def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str):
+    from ..distill.data import classification_data, lm_data
+
+    if task == "classify":
+        label2id = {str(k): int(v) for k, v in (loaded.model.config.label2id or {}).items()}
+        task_data = classification_data(loaded.tokenizer, data, label2id, loaded.model.config.num_labels,
+                                        config.max_length, text_field=config.text_field,
+                                        max_samples=config.max_samples)
+        if len(task_data.train) == 0:
+            raise CompressError(f"data {data} gives no labeled training example")
+        return task_data
     task_data = lm_data(task, loaded.tokenizer, data, config.max_length, text_field=config.text_field,
                         max_samples=config.max_samples)
     if len(task_data.train) == 0:
@@ -375,8 +393,8 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
     base = load(source, device="cpu", dtype=torch.float32)
     task = ADAPTER_KINDS.get(base.kind)
     if task is None:
-        raise CompressError(f"adapter recovery trains language models (causal or masked); {source.name} is a "
-                            f"{base.kind} model")
+        raise CompressError(f"adapter recovery trains language models (causal or masked) and classifiers; "
+                            f"{source.name} is an {base.kind} model")
     teacher_model = _teacher(teacher, config, base)
     if merge:  # a bad requantize choice must fail before training, not after it
         from .lora_merge import requantize_config
@@ -409,7 +427,8 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
     return RecoveryReport(source=source, output=out, merged=merge, layers=layers, trainable=trainable,
                           seconds=time.perf_counter() - start,
                           teacher=resolve_model_path(teacher) if teacher is not None else None,
-                          requantized=requantized, metrics=result.metrics, model=None if merge else peft_model)
+                          requantized=requantized, metrics=result.metrics, model=None if merge else peft_model,
+                          eval_file=getattr(task_data, "eval_file", None), task=task)
 
 
 def merge_adapters(adapter_dir: str | Path, out_dir: str | Path, requantize=None, *, base: str | Path | None = None,
