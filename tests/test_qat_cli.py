@@ -73,6 +73,8 @@ def test_qat_bad_inputs(tiny_model, tmp_path):
     assert_clean_error(run("qat", "--model", src, "--data", "builtin", "--hidden-loss", "--out", out, *TRAIN), "add --distill")
     assert_clean_error(run("qat", "--model", src, "--data", "builtin", "--distill", "--transfer-data", "builtin",
                            "--out", out, *TRAIN), "needs a classifier")
+    assert_clean_error(run("qat", "--model", src, "--lora", "--data", "builtin", "--distill", "--hidden-loss",
+                           "--out", out, *TRAIN), "drop --hidden-loss")
     assert not out.exists()
 
 

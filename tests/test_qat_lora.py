@@ -159,6 +159,10 @@ def test_bad_inputs(bases, tmp_path, hash_tree):
     with pytest.raises(CompressError) as e:
         recover_model(bases["int4"], tmp_path / "o", cfg, teacher=bases["float"], progress=False)
     assert "distill" in _one_sentence(e)
+    with pytest.raises(CompressError) as e:  # a transfer set is for classifiers
+        recover_model(bases["int4"], tmp_path / "o", LoraRecoveryConfig(distill=True, **FAST), teacher=bases["float"],
+                      transfer=str(bases["text"]), progress=False)
+    assert "transfer set" in _one_sentence(e)
     with pytest.raises(CompressError) as e:
         recover_model(bases["int4"], tmp_path / "o", cfg, merge=True, requantize="q5", progress=False)
     _one_sentence(e)
@@ -224,8 +228,11 @@ def test_classifier_adapters_learn_the_float_predictions_and_evaluate(tiny_model
     teacher = compress.load(float_dir).model(**batch).logits.detach()
     err_before = float((compress.load(tmp_path / "w3").model(**batch).logits.detach() - teacher).pow(2).mean())
     config = LoraRecoveryConfig(steps=30, learning_rate=3e-3, distill=True, temperature=1.0, **FAST)
+    (tmp_path / "transfer.txt").write_text("\n".join(f"{w} unlabeled {i}" for i, w in enumerate(words * 4)) + "\n")
     report = recover_model(tmp_path / "w3", tmp_path / "ad", config, data=str(tmp_path / "train.csv"), teacher=float_dir,
-                           progress=False)
+                           transfer=str(tmp_path / "transfer.txt"), progress=False)
+    assert report.layers == 12  # 2 blocks x (query, key, value, attention output, intermediate, output)
+    assert json.loads((tmp_path / "ad" / "recovery.json").read_text())["transfer"] == str(tmp_path / "transfer.txt")
     assert report.task == "classify" and "distilled" in report.summary()
     assert not any(p.requires_grad for n, p in report.model.named_parameters() if "classifier" in n)
     err_after = float((report.model(**batch).logits.detach() - teacher).pow(2).mean())

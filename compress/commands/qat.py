@@ -94,6 +94,9 @@ def run_lora(args, qat) -> None:
 
     if args.data is None:
         raise CompressError("--data is required: the text the adapters train on")
+    if args.hidden_loss:
+        raise CompressError("--hidden-loss trains the weights toward the float hidden states; adapters (--lora) learn "
+                            "from the outputs only: drop --hidden-loss")
     if args.out is None:
         raise CompressError("--out is required: the folder the adapters (or the merged model) are written to")
     out = Path(args.out).expanduser().absolute()
@@ -116,7 +119,8 @@ def run_lora(args, qat) -> None:
             raise CompressError(f"the base folder {base} already exists; pass --overwrite to replace it")
         _baseline(source, base, qat, args.device)
         print(f"quantized {source.name} into {base}")
-    report = recover_model(base, out, config, data=args.data, teacher=teacher, merge=args.merge,
+    report = recover_model(base, out, config, data=args.data, teacher=teacher, transfer=args.transfer_data,
+                           merge=args.merge,
                            device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
     print(report.summary())
     if not args.no_eval:

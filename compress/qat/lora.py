@@ -316,14 +316,14 @@ def is_adapter_folder(path) -> bool:
     return (folder / "adapter_config.json").is_file() and (folder / RECOVERY_FILE).is_file()
 
 
-def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str):
+def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str, transfer: str | None = None):
     from ..distill.data import classification_data, lm_data
 
     if task == "classify":
         label2id = {str(k): int(v) for k, v in (loaded.model.config.label2id or {}).items()}
         task_data = classification_data(loaded.tokenizer, data, label2id, loaded.model.config.num_labels,
                                         config.max_length, text_field=config.text_field,
-                                        max_samples=config.max_samples)
+                                        max_samples=config.max_samples, transfer=transfer)
         if len(task_data.train) == 0:
             raise CompressError(f"data {data} gives no labeled training example")
         return task_data
@@ -356,7 +356,8 @@ def _teacher(teacher, config: LoraRecoveryConfig, base: LoadedModel):
 
 
 def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRecoveryConfig | None = None, *,
-                  data: str = "builtin", teacher: str | Path | None = None, merge: bool = False,
+                  data: str = "builtin", teacher: str | Path | None = None, transfer: str | None = None,
+                  merge: bool = False,
                   requantize=None, device: str = "cpu", progress: bool = True, overwrite: bool = False) -> RecoveryReport:
     """Train LoRA adapters on a quantized model folder and write the adapters, or the merged model.
 
@@ -367,6 +368,8 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
         data: training text: ``builtin``, a .txt / .jsonl / .csv file, or ``hf:NAME`` (compress.data).
         teacher: the full-precision model folder the base was quantized from; used with
             ``config.distill`` (the adapters then learn the teacher's softened predictions).
+        transfer: classifiers distilled from a teacher: unlabeled texts (``demo`` or any text source)
+            added to the labeled data, learned from the teacher's predictions alone.
         merge: False writes the adapters (peft format plus recovery.json; load with
             :func:`load_with_adapters`). True merges them into the dequantized base and quantizes the
             result again (see :func:`merge_adapters` for ``requantize``), giving an ordinary quantized folder.
@@ -396,22 +399,27 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
         raise CompressError(f"adapter recovery trains language models (causal or masked) and classifiers; "
                             f"{source.name} is an {base.kind} model")
     teacher_model = _teacher(teacher, config, base)
+    if transfer is not None and (task != "classify" or teacher_model is None):
+        raise CompressError("a transfer set adds unlabeled texts for a classifier distilled from its float model: "
+                            "it needs a classifier base, distill=True and a teacher")
     if merge:  # a bad requantize choice must fail before training, not after it
         from .lora_merge import requantize_config
 
         requantize_config(base.model, quant, requantize, source)
-    task_data = _data(base, data, config, task)
+    task_data = _data(base, data, config, task, transfer)
     tokenizer = base.tokenizer
     peft_model = attach_lora(base, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    layers = len(peft_model.peft_config["default"].target_modules)
+    from .lora_layer import QuantLoraLayer
+
+    layers = sum(isinstance(m, QuantLoraLayer) for m in peft_model.modules())
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.train-") as work:
         result = distill(teacher_model, peft_model, task_data, config.training_config(task), output_dir=work,
                          tokenizer=tokenizer, device=device, progress=progress)
     peft_model = result.student.to("cpu").eval()
     info = {"compress_version": __version__, "base": str(source), "base_fingerprint": base_fingerprint(source),
-            "base_quantization": quant, "kind": base.kind, "data": data,
+            "base_quantization": quant, "kind": base.kind, "data": data, "transfer": transfer,
             "teacher": str(resolve_model_path(teacher)) if teacher is not None else None,
             "config": config.to_dict(), "metrics": result.metrics}
     requantized = None
