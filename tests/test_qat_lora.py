@@ -237,15 +237,6 @@ def test_classifier_adapters_learn_the_float_predictions_and_evaluate(tiny_model
     assert not any(p.requires_grad for n, p in report.model.named_parameters() if "classifier" in n)
     err_after = float((report.model(**batch).logits.detach() - teacher).pow(2).mean())
     assert err_after < 0.7 * err_before
-    # merged: GPTQ re-quantization calibrated on the classifier's own training texts when they suffice
-    from compress.qat.lora import _task_calibration
-
-    assert _task_calibration(str(tmp_path / "train.csv"), tok, 8)["calib"] == str(tmp_path / "train.csv")
-    assert _task_calibration(str(tmp_path / "train.csv"), tok, 4096) is None  # too little text: built-in corpus
-    merge_adapters(tmp_path / "ad", tmp_path / "merged", progress=False)
-    used = json.loads((tmp_path / "merged" / "adapter_recovery.json").read_text())["requantized"]
-    assert used["method"] == "gptq" and used["calib"] == str(tmp_path / "train.csv") and used["seqlen"] == 32
-    assert compress.load(tmp_path / "merged").kind == "classifier"
     result = compare([float_dir, tmp_path / "w3", tmp_path / "ad"], EvalConfig(device="cpu", latency=False, samples=16,
                                                                                labeled=str(tmp_path / "train.csv")),
                      progress=False)

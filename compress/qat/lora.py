@@ -334,22 +334,6 @@ def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str,
     return task_data
 
 
-def _task_calibration(data: str, tokenizer, seqlen: int, text_field: str = "text") -> dict | None:
-    """GPTQ calibration on a classifier's own training texts (windows of ``seqlen`` tokens), or None when
-    they hold fewer than 16 windows (the built-in corpus is used then)."""
-    from ..data import load_texts, token_stream
-    from ..distill.data import demo_files
-
-    source = str(demo_files()["train"]) if data == "demo" else str(data)
-    try:
-        available = token_stream(load_texts(source, "train", text_field), tokenizer).numel() // seqlen
-    except CompressError:
-        return None
-    if available < 16:
-        return None
-    return {"calib": source, "nsamples": min(128, available), "seqlen": seqlen, "text_field": text_field}
-
-
 def _teacher(teacher, config: LoraRecoveryConfig, base: LoadedModel):
     if teacher is None:
         if config.distill:
@@ -442,10 +426,8 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
     if merge:
         from .lora_merge import merge_loaded
 
-        calibration = (_task_calibration(data, tokenizer, config.max_length, config.text_field) if task == "classify"
-                       else None)
-        requantized = merge_loaded(peft_model, base, source, out, requantize, info, calibration=calibration,
-                                   overwrite=overwrite, progress=progress)
+        requantized = merge_loaded(peft_model, base, source, out, requantize, info, overwrite=overwrite,
+                                   progress=progress)
     else:
         with atomic_output(out, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp))
@@ -468,8 +450,7 @@ def merge_adapters(adapter_dir: str | Path, out_dir: str | Path, requantize=None
         adapter_dir: a folder written by :func:`recover_model` with ``merge=False``.
         out_dir: the merged, quantized folder (built atomically).
         requantize: None (the base's own format: for a GPTQ-format int base GPTQ with the base's bits,
-            group size and symmetry per layer, calibrated on the built-in corpus (a classifier: on its training
-            texts, windows of its max_length); for a bitsandbytes
+            group size and symmetry per layer, calibrated on the built-in corpus; for a bitsandbytes
             base its NF4 / FP4 settings), ``"rtn"`` (the same int settings, data-free, but it adds a
             second rounding error), ``"gptq"``, ``"nf4"``, or an RTNConfig / GPTQConfig / NF4Config
             used as given.
@@ -483,10 +464,5 @@ def merge_adapters(adapter_dir: str | Path, out_dir: str | Path, requantize=None
     loaded = load_with_adapters(adapter_dir, base=base)
     info = json.loads((Path(adapter_dir) / RECOVERY_FILE).read_text())
     info["adapters"] = str(Path(adapter_dir).expanduser().absolute())
-    calibration = None
-    if info.get("kind") == "classifier" and info.get("data"):
-        trained = info.get("config", {})
-        calibration = _task_calibration(info["data"], loaded.tokenizer, int(trained.get("max_length", 128)),
-                                        trained.get("text_field", "text"))
-    return merge_loaded(loaded.model, loaded, loaded.path, Path(out_dir), requantize, info, calibration=calibration,
-                        overwrite=overwrite, progress=progress)
+    return merge_loaded(loaded.model, loaded, loaded.path, Path(out_dir), requantize, info, overwrite=overwrite,
+                        progress=progress)

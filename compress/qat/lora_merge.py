@@ -4,9 +4,9 @@ The packed base cannot absorb ``B @ A * scaling`` in place, so the merge goes th
 every quantized layer is dequantized (float32), the adapted ones get their update added, the model is
 written as an ordinary full-precision folder (temporary) and quantized again with compress.quantize,
 by default in the base's own format: a GPTQ-format int base with GPTQ at its own bits, group size and
-symmetry (per layer, so mixed-precision bases stay mixed; calibrated on the built-in corpus, or on a
-classifier's own training texts), an NF4 / FP4 base with its own quant type, block size and double
-quantization. Layers the base kept in full precision stay so.
+symmetry (per layer, so mixed-precision bases stay mixed; calibrated on the built-in corpus), an NF4 /
+FP4 base with its own quant type, block size and double quantization. Layers the base kept in full
+precision stay so.
 
 The update is small next to a quantization step, so re-quantizing can round part of it away, and plain
 round-to-nearest (``requantize="rtn"``, data-free) adds a second rounding error on top of the first;
@@ -147,20 +147,14 @@ def merged_float_model(model: nn.Module, kind: str) -> nn.Module:
 
 
 def merge_loaded(model: nn.Module, loaded: LoadedModel, source: Path, out: Path, requantize, info: dict, *,
-                 calibration: dict | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Merge a peft model on ``loaded``'s base and write it to ``out`` quantized again; returns the config used.
-
-    ``calibration`` (calib, nsamples, seqlen) replaces the built-in corpus when the re-quantization is the
-    automatically chosen GPTQ (a classifier's merge is calibrated on its own training texts).
-    """
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Merge a peft model on ``loaded``'s base and write it to ``out`` quantized again; returns the config used."""
     from ..quant.apply import quantize
 
     out = Path(out).expanduser().absolute()
     quant = info.get("base_quantization") or loaded.quantization
     config = requantize_config(model, quant, requantize, source)
     auto = not isinstance(requantize, (WeightQuantConfig, NF4Config))
-    if auto and calibration and isinstance(config, GPTQConfig):
-        config = dataclasses.replace(config, **calibration)
     expected, _ = _layer_split(model)
     float_model = merged_float_model(model, loaded.kind)
     out.parent.mkdir(parents=True, exist_ok=True)
