@@ -120,8 +120,7 @@ def run_lora(args, qat) -> None:
         _baseline(source, base, qat, args.device)
         print(f"quantized {source.name} into {base}")
     report = recover_model(base, out, config, data=args.data, teacher=teacher, transfer=args.transfer_data,
-                           merge=args.merge,
-                           device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
+                           merge=args.merge, device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
     print(report.summary())
     if not args.no_eval:
         if args.labeled is None and report.eval_file is not None:
@@ -140,8 +139,9 @@ def run(args) -> None:
         raise CompressError("--resume is not supported by compress qat; start the run again")
     report = qat_model(args.model, args.out, qat, train=train, data=args.data, distill=args.distill,
                        labeled=args.labeled, text_field=args.text_field, label_field=args.label_field,
-                       transfer=args.transfer_data, blocks=args.blocks, checkpoints=args.checkpoints, overwrite=args.overwrite, device=args.device,
-                       trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
+                       transfer=args.transfer_data, blocks=args.blocks, checkpoints=args.checkpoints,
+                       overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code,
+                       progress=sys.stderr.isatty())
     print(report.summary())
     if args.no_eval:
         return

@@ -155,18 +155,13 @@ def _warm_up(models, cfg: EvalConfig, trust_remote_code: bool) -> None:
 
     if not cfg.labeled:
         _heldout(cfg)
-    from ..qat.lora import RECOVERY_FILE, is_adapter_folder
+    from ..qat.lora import adapter_info, is_adapter_folder
 
     for item in models:
         if isinstance(item, LoadedModel):
             continue
         if item is not None and is_adapter_folder(item):  # warm up the base the adapters belong to
-            import json
-
-            try:
-                item = json.loads((Path(item) / RECOVERY_FILE).read_text())["base"]
-            except (OSError, ValueError, KeyError):
-                raise CompressError(f"{item} holds adapters but its {RECOVERY_FILE} is unreadable") from None
+            item = adapter_info(item)["base"]
         path = resolve_model_path(item)
         build_skeleton(load_config(path, trust_remote_code), detect_kind(path, read_config_dict(path)), trust_remote_code)
         load_tokenizer(path, trust_remote_code)

@@ -257,11 +257,7 @@ def load_with_adapters(adapter_dir: str | Path, *, base: str | Path | None = Non
     from ..models import load
 
     adapter_dir = Path(adapter_dir).expanduser().absolute()
-    info_file = adapter_dir / RECOVERY_FILE
-    if not (adapter_dir / "adapter_config.json").is_file() or not info_file.is_file():
-        raise CompressError(f"{adapter_dir} is not an adapter folder written by adapter recovery (no adapter_config.json "
-                            f"or {RECOVERY_FILE})")
-    info = json.loads(info_file.read_text())
+    info = adapter_info(adapter_dir)
     base_dir = Path(base).expanduser().absolute() if base is not None else Path(info["base"])
     if not (base_dir / "config.json").is_file():
         raise CompressError(f"the adapters' base model {base_dir} is not there; pass base=PATH to its new place")
@@ -316,19 +312,29 @@ def is_adapter_folder(path) -> bool:
     return (folder / "adapter_config.json").is_file() and (folder / RECOVERY_FILE).is_file()
 
 
-def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str, transfer: str | None = None):
-    from ..distill.data import classification_data, lm_data
+def adapter_info(folder) -> dict:
+    """The recovery.json of an adapter folder (its base, how it was trained); CompressError when it is not one."""
+    folder = Path(folder).expanduser().absolute()
+    if not is_adapter_folder(folder):
+        raise CompressError(f"{folder} is not an adapter folder written by adapter recovery (no adapter_config.json "
+                            f"or {RECOVERY_FILE})")
+    try:
+        info = json.loads((folder / RECOVERY_FILE).read_text())
+        str(info["base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CompressError(f"{folder / RECOVERY_FILE} is unreadable or names no base model") from None
+    return info
 
+
+def _data(loaded: LoadedModel, data: str, config: LoraRecoveryConfig, task: str, transfer: str | None = None):
+    from ..distill.pipeline import _task_data
+
+    label2id = num_labels = None
     if task == "classify":
         label2id = {str(k): int(v) for k, v in (loaded.model.config.label2id or {}).items()}
-        task_data = classification_data(loaded.tokenizer, data, label2id, loaded.model.config.num_labels,
-                                        config.max_length, text_field=config.text_field,
-                                        max_samples=config.max_samples, transfer=transfer)
-        if len(task_data.train) == 0:
-            raise CompressError(f"data {data} gives no labeled training example")
-        return task_data
-    task_data = lm_data(task, loaded.tokenizer, data, config.max_length, text_field=config.text_field,
-                        max_samples=config.max_samples)
+        num_labels = loaded.model.config.num_labels
+    task_data = _task_data(task, loaded.tokenizer, config.training_config(task), data, label2id, num_labels,
+                           text_field=config.text_field, transfer=transfer)
     if len(task_data.train) == 0:
         raise CompressError(f"data {data} gives no training window; give more text")
     return task_data
@@ -357,8 +363,8 @@ def _teacher(teacher, config: LoraRecoveryConfig, base: LoadedModel):
 
 def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRecoveryConfig | None = None, *,
                   data: str = "builtin", teacher: str | Path | None = None, transfer: str | None = None,
-                  merge: bool = False,
-                  requantize=None, device: str = "cpu", progress: bool = True, overwrite: bool = False) -> RecoveryReport:
+                  merge: bool = False, requantize=None, device: str = "cpu", progress: bool = True,
+                  overwrite: bool = False) -> RecoveryReport:
     """Train LoRA adapters on a quantized model folder and write the adapters, or the merged model.
 
     Args:

@@ -65,8 +65,8 @@ def train_config(kind: str, train: DistillConfig | None, distill: bool) -> Disti
 
 def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None = None, data: str | None = None,
               distill: bool = False, labeled: str | None = None, text_field: str = "text", label_field: str = "label",
-              transfer: str | None = None, blocks: str | None = None, checkpoints=None, overwrite: bool = False, device: str = "auto",
-              trust_remote_code: bool = False, progress: bool = True) -> QATReport:
+              transfer: str | None = None, blocks: str | None = None, checkpoints=None, overwrite: bool = False,
+              device: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> QATReport:
     """Train the model folder ``model_path`` with fake quantization and write the packed result to ``out``.
 
     Args:
@@ -112,8 +112,8 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
     if kind == "classifier":
         label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
         num_labels = model.config.num_labels
-    task_data = _task_data(tcfg.task, student.tokenizer, tcfg, data, label2id, num_labels, labeled, text_field, label_field,
-                           transfer)
+    task_data = _task_data(tcfg.task, student.tokenizer, tcfg, data, label2id, num_labels, labeled, text_field,
+                           label_field, transfer)
     callback = QATCallback(config)
     result = run_training(teacher, model, task_data, tcfg, output_dir=ckdir, tokenizer=student.tokenizer,
                           teacher_pooling=student.pooling, student_pooling=student.pooling, callbacks=[callback],
