@@ -164,10 +164,7 @@ def calibrated(model: Path, checkpoints: list[tuple[str, Path]], held: HeldOut, 
 
 def versus_llama_quantize(model: Path, held: HeldOut, work: Path) -> list[dict]:
     """Our k-quant files against llama.cpp's llama-quantize run on our f32 export (same tensors, same mix)."""
-    import ctypes
-
-    import llama_cpp
-
+    from compress.gguf import verify
     from compress.gguf.writer import export_gguf
 
     f32 = work / "f32.gguf"
@@ -178,10 +175,7 @@ def versus_llama_quantize(model: Path, held: HeldOut, work: Path) -> list[dict]:
     for export_type, ftype in ftypes.items():
         ours, theirs = work / "ours.gguf", work / "theirs.gguf"
         export_gguf(model, ours, export_type, overwrite=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype)
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) != 0:
-            raise SystemExit(f"llama_model_quantize failed for {ftype}")
+        verify.llama_quantize(f32, theirs, ftype)
         a, b = held.score(ours), held.score(theirs)
         row = {"type": export_type, "ours_bytes": ours.stat().st_size, "theirs_bytes": theirs.stat().st_size,
                "ours_kl": a["kl"], "theirs_kl": b["kl"], "ours_ppl": a["ppl"], "theirs_ppl": b["ppl"]}

@@ -6,10 +6,16 @@ Tolerances (float32 reference computed by transformers on the same token ids):
 - embeddings (MiniLM): cosine >= 0.9999 for f32/f16, >= 0.999 for q8_0, >= 0.97 for 4-bit types.
 """
 
+import importlib.util
+import os
+import signal
+
 import numpy as np
 import pytest
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'compress[llama]')")
+# llama.cpp is only ever loaded in child processes (verify.LlamaProcess): a native crash fails one test
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.skip("llama-cpp-python is not installed (pip install 'compress[llama]')", allow_module_level=True)
 
 import tiny  # noqa: E402
 from compress.gguf import verify  # noqa: E402
@@ -146,20 +152,40 @@ def test_tokenization_sentencepiece(tmp_path):
 
 def test_kquants_match_llama_quantize(wide_llama, wide_reference, tmp_path):
     """Our Q4_K_M file is as close to the float model as llama.cpp's own llama-quantize result."""
-    import ctypes
-
     ids, reference = wide_reference
     export_gguf(wide_llama, tmp_path / "f32.gguf", "f32")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    rc = llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(tmp_path / "theirs.gguf").encode(),
-                                        ctypes.byref(params))
-    assert rc == 0
+    verify.llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M")
     export_gguf(wide_llama, tmp_path / "ours.gguf", "q4_k_m")
     kl = {name: verify.mean_kl(reference, verify.causal_logits(verify.open_model(tmp_path / f"{name}.gguf"), ids))
           for name in ("ours", "theirs")}
     assert kl["ours"] < 1.25 * kl["theirs"], kl
     assert abs((tmp_path / "ours.gguf").stat().st_size - (tmp_path / "theirs.gguf").stat().st_size) < 4096
+
+
+def test_native_crash_fails_one_check(tiny_model, tmp_path):
+    """llama.cpp dying of a signal ends its child process only: the waiting call raises one sentence."""
+    from compress.errors import CompressError
+
+    export_gguf(tiny_model("llama"), tmp_path / "m.gguf", "q8_0")
+    with verify.open_model(tmp_path / "m.gguf") as llm:
+        assert len(llm.causal_logits([1, 2, 3])) == 3
+        os.kill(llm._child.pid, signal.SIGSEGV)
+        with pytest.raises(CompressError, match=r"llama.cpp crashed \(SIGSEGV\) while evaluating 2 tokens"):
+            llm.causal_logits([1, 2])
+        with pytest.raises(CompressError, match="is closed"):
+            llm.causal_logits([1, 2])
+
+
+def test_llama_errors_are_sentences(tmp_path):
+    """A file llama.cpp refuses, and a file type it does not know, come back as one CompressError each."""
+    from compress.errors import CompressError
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(CompressError, match="llama.cpp failed while loading"):
+        verify.open_model(bad)
+    with pytest.raises(CompressError, match="has no file type LLAMA_FTYPE_NOPE"):
+        verify.llama_quantize(bad, tmp_path / "out.gguf", "LLAMA_FTYPE_NOPE")
 
 
 @pytest.mark.slow

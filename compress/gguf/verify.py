@@ -2,7 +2,8 @@
 
 These are the checks that make an export trustworthy: the real consumer loads the file, tokenizes like
 the Hugging Face tokenizer, and computes the same logits (causal LMs) or pooled embeddings (BERT) on
-the same tokens. Every function imports llama_cpp lazily; install it with ``pip install compress[llama]``.
+the same tokens. llama.cpp runs in a child process (:class:`LlamaProcess`), so a native crash fails one
+check with one sentence instead of ending the caller; install it with ``pip install compress[llama]``.
 """
 
 from __future__ import annotations
@@ -14,35 +15,148 @@ import numpy as np
 from ..errors import CompressError
 
 
-def open_model(path: str | Path, *, embedding: bool = False, n_ctx: int = 512, threads: int = 2):
-    """A llama_cpp.Llama for ``path`` (all logits kept, quiet); CompressError when llama_cpp is missing."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise CompressError("llama-cpp-python is not installed; run pip install 'compress[llama]'") from None
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=not embedding,
-                               embedding=embedding, n_threads=threads, n_threads_batch=threads, verbose=False,
-                               seed=0)
-    except (ValueError, RuntimeError) as e:
-        raise CompressError(f"llama.cpp cannot load {path} ({e})") from None
+class LlamaProcess:
+    """A GGUF file loaded by llama.cpp in a child process (see :mod:`compress.gguf.llama_worker`).
+
+    A crash of the native code (SIGSEGV, SIGILL) ends the child, not the caller: the call that was
+    waiting raises one CompressError naming the signal. Use it as a context manager or call close().
+    """
+
+    def __init__(self, path: str | Path, *, embedding: bool = False, n_ctx: int = 512, threads: int = 2,
+                 timeout: float = 900.0):
+        self.path = str(path)
+        self.timeout = timeout
+        self._child = _start_worker()
+        self._request({"op": "open", "path": self.path, "embedding": embedding, "n_ctx": n_ctx, "threads": threads},
+                      f"loading {self.path}")
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """llama.cpp's token ids for ``text``; add_special adds bos/eos/sep as the model's metadata says."""
+        return self._request({"op": "tokenize", "text": text, "add_special": add_special}, "tokenizing")[0]["ids"]
+
+    def causal_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits float32 [len(ids), vocab] of a causal LM for the token ids, from a fresh context."""
+        return self._request({"op": "logits", "ids": [int(i) for i in ids]}, f"evaluating {len(ids)} tokens")[1]
+
+    def pooled_embeddings(self, texts: list[str]) -> np.ndarray:
+        """Pooled (not normalized) embeddings float32 [len(texts), dim], one text per call."""
+        return self._request({"op": "embed", "texts": list(texts)}, f"embedding {len(texts)} texts")[1]
+
+    def close(self) -> None:
+        """End the child (politely, then by force)."""
+        if self._child is None:
+            return
+        child, self._child = self._child, None
+        _stop_worker(child)
+
+    def __enter__(self) -> "LlamaProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def _request(self, message: dict, doing: str):
+        if self._child is None:
+            raise CompressError(f"the llama.cpp process for {self.path} is closed")
+        return _call(self._child, message, f"{doing} with {self.path}", self.timeout,
+                     on_death=lambda: setattr(self, "_child", None))
 
 
-def tokenize(llm, text: str, add_special: bool = True) -> list[int]:
+def _start_worker():
+    import importlib.util
+    import subprocess
+    import sys
+
+    # looked up, not imported: the native library is loaded only in the child
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise CompressError("llama-cpp-python is not installed; run pip install 'compress[llama]'")
+    return subprocess.Popen([sys.executable, "-m", "compress.gguf.llama_worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+
+
+def _stop_worker(child) -> None:
+    import subprocess
+
+    try:
+        from .llama_worker import send
+
+        send(child.stdin, {"op": "close"})
+        child.stdin.close()
+        child.wait(timeout=10)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        child.kill()
+        child.wait()
+    finally:
+        child.stdout.close()
+
+
+def _call(child, message: dict, doing: str, timeout: float, on_death=None):
+    """Send one request and wait for its reply; the child's death or silence becomes a CompressError."""
+    import select
+    import signal
+
+    from .llama_worker import receive, send
+
+    try:
+        send(child.stdin, message)
+        ready, _, _ = select.select([child.stdout], [], [], timeout)
+        if not ready:
+            child.kill()
+            raise TimeoutError
+        reply, array = receive(child.stdout)
+    except (OSError, EOFError, ValueError, TimeoutError) as e:
+        timed_out = isinstance(e, TimeoutError)
+        code = child.wait()
+        child.stdout.close()
+        if on_death is not None:
+            on_death()
+        if timed_out:
+            raise CompressError(f"llama.cpp gave no answer within {timeout:.0f} s while {doing}") from None
+        if code < 0:
+            name = signal.Signals(-code).name
+            raise CompressError(f"llama.cpp crashed ({name}) while {doing}: this llama-cpp-python build does not run "
+                                "on this CPU; rebuild it as .ci/run does (a portable AVX2 build)") from None
+        raise CompressError(f"llama.cpp exited with code {code} while {doing}") from None
+    if not reply.get("ok"):
+        raise CompressError(f"llama.cpp failed while {doing} ({reply.get('error')})")
+    return reply, array
+
+
+def open_model(path: str | Path, *, embedding: bool = False, n_ctx: int = 512, threads: int = 2) -> LlamaProcess:
+    """llama.cpp on ``path`` in a child process (all logits kept, quiet); CompressError when it cannot load."""
+    return LlamaProcess(path, embedding=embedding, n_ctx=n_ctx, threads=threads)
+
+
+def tokenize(llm: LlamaProcess, text: str, add_special: bool = True) -> list[int]:
     """llama.cpp's token ids for ``text``; add_special adds bos/eos/sep as the model's metadata says."""
-    return llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False)
+    return llm.tokenize(text, add_special)
 
 
-def causal_logits(llm, ids: list[int]) -> np.ndarray:
+def causal_logits(llm: LlamaProcess, ids: list[int]) -> np.ndarray:
     """Logits float32 [len(ids), vocab] of a causal LM for the token ids, from a fresh context."""
-    llm.reset()
-    llm.eval(list(ids))
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return llm.causal_logits(ids)
 
 
-def pooled_embeddings(llm, texts: list[str]) -> np.ndarray:
+def pooled_embeddings(llm: LlamaProcess, texts: list[str]) -> np.ndarray:
     """Pooled (not normalized) embeddings float32 [len(texts), dim], one text per call."""
-    return np.array([llm.embed(t, normalize=False) for t in texts], dtype=np.float32)
+    return llm.pooled_embeddings(texts)
+
+
+def llama_quantize(src: str | Path, dst: str | Path, ftype: str, timeout: float = 900.0) -> None:
+    """llama.cpp's own quantizer (llama-quantize) from ``src`` to ``dst``, ``ftype`` a LLAMA_FTYPE_* name.
+
+    Runs in a child process like every other llama.cpp call here.
+    """
+    child = _start_worker()
+    try:
+        _call(child, {"op": "quantize", "src": str(src), "dst": str(dst), "ftype": ftype},
+              f"quantizing {src} to {ftype}", timeout)
+    finally:
+        if child.poll() is None:
+            _stop_worker(child)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
