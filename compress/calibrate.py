@@ -31,7 +31,6 @@ payload)``; the payloads come back per layer in each BlockResult.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -455,5 +454,7 @@ def release_outside(model: nn.Module, prefix: str) -> None:
 
 
 def default_offload_dir() -> str | None:
-    """Where activations go with --offload: $COMPRESS_OFFLOAD_DIR, else the system temporary folder."""
-    return os.environ.get("COMPRESS_OFFLOAD_DIR") or tempfile.gettempdir()
+    """Where activations go with --offload: $COMPRESS_OFFLOAD_DIR, else the system temporary folder (checked)."""
+    from .files import offload_folder
+
+    return str(offload_folder())

@@ -2,8 +2,9 @@
 
 Each command lives in ``compress/commands/<name>.py`` with a ``register(subparsers)`` function; this
 module holds what they share: the flags every command takes (--model, --out, --device and the
-evaluation options), the closing evaluation table, and error handling. Errors the user can fix print
-one sentence and exit with code 2; nothing partial is left behind.
+evaluation options), the up-front check of every output path, the closing evaluation table, and error
+handling. Errors the user can fix print one sentence and exit with code 2; Ctrl-C exits with 130 and
+SIGTERM with 143, one line each; nothing partial is left behind.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -68,25 +71,77 @@ def eval_config(args):
 
 
 def check_eval_args(args) -> None:
-    """Validate the evaluation flags before any long work starts."""
+    """Validate the evaluation flags and every output path (check_outputs) before any long work starts."""
     if not getattr(args, "no_eval", False):
         eval_config(args)
+    check_outputs(args)
+
+
+# flags whose value a command reads: an output may not be, contain or lie inside any of them
+_INPUT_FLAGS = ("model", "teacher", "student", "from_gptq", "vocab_map", "data", "transfer_data", "calib",
+                "eval_data", "labeled", "imatrix")
+
+
+def input_paths(args) -> list[str]:
+    """The paths a command reads, as given (the embedded default model for a missing or 'default' --model)."""
+    from .files import default_model_path
+
+    paths = []
+    for flag in _INPUT_FLAGS:
+        values = getattr(args, flag, None)
+        for value in values if isinstance(values, list) else [values]:
+            if flag == "model" and value in (None, "default"):
+                try:
+                    value = default_model_path()
+                except CompressError:
+                    continue
+            if value is not None:
+                paths.append(str(value))
+    return paths
+
+
+def check_outputs(args, *, out_is_file: bool = False, out_suffixes: tuple[str, ...] = (),
+                  overwrite: bool | None = None, replaces: str | None = None) -> None:
+    """Refuse --out, --checkpoints, --json and --plot paths compress must not write, up front (files.check_output).
+
+    ``overwrite`` defaults to --overwrite; ``replaces`` limits what --out may replace to one command's outputs.
+    """
+    from .files import PLOT_SUFFIXES, check_checkpoints, check_output
+
+    inputs = input_paths(args)
+    overwrite = getattr(args, "overwrite", False) if overwrite is None else overwrite
+    out = None
+    if getattr(args, "out", None):
+        out = check_output(args.out, inputs=inputs, overwrite=overwrite, is_file=out_is_file, suffixes=out_suffixes,
+                           replaces=replaces)
+    if getattr(args, "checkpoints", None):
+        check_checkpoints(args.checkpoints, out=out, inputs=inputs)
+    for flag, suffixes in (("json", (".json",)), ("plot", PLOT_SUFFIXES)):
+        if getattr(args, flag, None):
+            check_output(getattr(args, flag), inputs=inputs, overwrite=True, is_file=True, suffixes=suffixes,
+                         what=f"--{flag} file", parent_must_exist=True, replaces="eval")
 
 
 def run_eval(models: list, args, out_dir: Path | None = None) -> None:
-    """Evaluate and print the table; write --json / --plot files, and report files in out_dir."""
-    from .eval.harness import compare
+    """Evaluate and print the table; write --json / --plot files, and report files in out_dir.
 
+    Reports replace earlier reports compress wrote (no --overwrite needed), never anything else, not even
+    another compress output.
+    """
+    from .eval.harness import compare
+    from .files import atomic_output
+
+    inputs = [str(m) for m in models if m is not None] + input_paths(args)
     report = compare(models, eval_config(args), trust_remote_code=args.trust_remote_code)
     print(report.table())
     if args.json:
-        report.write_json(args.json)
+        with atomic_output(args.json, overwrite=True, is_file=True, inputs=inputs, replaces="eval") as tmp:
+            report.write_json(tmp)
     if args.plot:
-        report.plot(args.plot)
+        with atomic_output(args.plot, overwrite=True, is_file=True, inputs=inputs, replaces="eval") as tmp:
+            report.plot(tmp)
     if out_dir is not None:
-        from .checkpoint import atomic_output
-
-        with atomic_output(out_dir, overwrite=True) as tmp:
+        with atomic_output(out_dir, overwrite=True, inputs=inputs, command="eval", replaces="eval") as tmp:
             report.write_json(tmp / "report.json")
             (tmp / "report.md").write_text(report.markdown() + "\n")
             report.plot(tmp / "report.png")
@@ -117,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network, whatever a library tries
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
+    previous = _on_sigterm(_terminate)
     try:
         args.func(args)
     except CompressError as e:
@@ -125,7 +181,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        _on_sigterm(previous)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every output being built is removed as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install a SIGTERM handler (only the main thread may); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _quiet_libraries() -> None:

@@ -79,17 +79,18 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 
 def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "result"
-    out.mkdir()
-    (out / "old").write_text("keep")
+    with atomic_output(out) as tmp:
+        (tmp / "old").write_text("keep")
     with pytest.raises(CompressError, match="--overwrite"):
         with atomic_output(out):
             pass
     assert (out / "old").read_text() == "keep"
     with atomic_output(out, overwrite=True) as tmp:
         (tmp / "new").write_text("n")
-    assert [p.name for p in out.iterdir()] == ["new"]
+    assert sorted(p.name for p in out.iterdir()) == [".compress-output", "new"]
     # a failed overwrite keeps the old result
     with pytest.raises(RuntimeError):
         with atomic_output(out, overwrite=True):
             raise RuntimeError
-    assert [p.name for p in out.iterdir()] == ["new"]
+    assert sorted(p.name for p in out.iterdir()) == [".compress-output", "new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["result"]

@@ -52,7 +52,8 @@ def test_quantize_then_eval(tiny_model, tmp_path, hash_tree):
     assert json.loads((tmp_path / "r.json").read_text())["results"][1]["quantization"] == "rtn w4 g32"
     ev = run("eval", "--model", src, "--model", out, "--no-latency", "--out", tmp_path / "report", *QUICK)
     assert ev.returncode == 0, ev.stderr
-    assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.json", "report.md", "report.png"}
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"report.json", "report.md", "report.png",
+                                                                ".compress-output"}
 
 
 def test_no_eval_skips_the_table(tiny_model, tmp_path):
@@ -130,7 +131,8 @@ def test_bad_inputs_one_sentence_exit_2_nothing_written(tiny_model, tmp_path, ha
 
 def test_existing_output_is_refused_without_overwrite(tiny_model, tmp_path):
     out = tmp_path / "q"
-    out.mkdir()
+    first = run("quantize", "--method", "rtn", "--model", tiny_model("gpt2"), "--out", out, "--no-eval")
+    assert first.returncode == 0, first.stderr
     (out / "keep.txt").write_text("mine")
     proc = run("quantize", "--method", "rtn", "--model", tiny_model("gpt2"), "--out", out, "--no-eval")
     assert_clean_error(proc, "--overwrite")

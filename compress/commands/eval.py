@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_common, run_eval
+from ..cli import add_common, check_outputs, run_eval
 
 
 def register(sub) -> None:
@@ -15,4 +15,5 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
+    check_outputs(args, overwrite=True, replaces="eval")  # an earlier report folder is replaced, nothing else
     run_eval(args.model or [None], args, Path(args.out) if args.out else None)

@@ -39,11 +39,13 @@ def missing_format(args) -> None:
 
 
 def run(args) -> None:
+    from ..cli import check_outputs
     from ..gguf.writer import TYPES, export_gguf
     from ..files import default_model_path
 
     if args.type not in TYPES:
         raise CompressError(f"unknown GGUF type '{args.type}'; choose one of {', '.join(TYPES)}")
+    check_outputs(args, out_is_file=True, out_suffixes=(".gguf",))
     model = args.model or default_model_path()
     extra = {}
     if args.from_gptq:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from ..cli import add_common, check_eval_args, finish
@@ -108,7 +107,7 @@ def run(args) -> None:
 def run_structured(args, config, options) -> Path:
     """Remove heads and FFN neurons (compress.prune.structured), retrain without masks, save; then the
     unstructured part, if asked for, on the smaller model."""
-    from ..checkpoint import atomic_output, copy_side_files
+    from ..files import atomic_output, check_output, copy_side_files, scratch_folder
     from ..models import load, resolve_model_path
     from ..prune.structured import parse_structured, prune_structured
 
@@ -116,9 +115,7 @@ def run_structured(args, config, options) -> Path:
     if config is not None and args.schedule != "oneshot":
         raise CompressError("--structured with unstructured pruning runs one shot; drop --schedule")
     source = resolve_model_path(args.model)
-    out = Path(args.out) if args.out else Path.cwd() / f"{source.name}-structured"
-    if out.exists() and not args.overwrite:
-        raise CompressError(f"output {out.absolute()} already exists; pass --overwrite to replace it")
+    out = check_output(args.out or Path.cwd() / f"{source.name}-structured", inputs=[source], overwrite=args.overwrite)
     loaded = load(source, device=args.device, trust_remote_code=args.trust_remote_code)
     batches = None
     if args.importance != "weight":
@@ -137,15 +134,15 @@ def run_structured(args, config, options) -> Path:
         if "train_loss" in metrics:
             print(f"retrained {options.steps} steps: final training loss {metrics['train_loss']:.4f}")
     if config is None:
-        with atomic_output(out, args.overwrite) as tmp:
+        with atomic_output(out, args.overwrite, inputs=[source], command="prune") as tmp:
             loaded.model.save_pretrained(str(tmp))
             copy_side_files(source, tmp, skip=("config.json", "model.safetensors"))
-        print(f"wrote {out.absolute()}")
-        return out.absolute()
+        print(f"wrote {out}")
+        return out
     from ..prune.pipeline import prune
 
-    with tempfile.TemporaryDirectory(prefix="compress-structured-", dir=out.absolute().parent) as work:
-        smaller = Path(work) / "model"
+    with scratch_folder(out) as work:
+        smaller = work / "model"
         smaller.mkdir()
         loaded.model.save_pretrained(str(smaller))
         copy_side_files(source, smaller, skip=("config.json", "model.safetensors"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from ..cli import add_common, check_eval_args, run_eval
+from ..cli import add_common, check_eval_args, input_paths, run_eval
 from ..errors import CompressError
 
 
@@ -89,6 +89,7 @@ def _baseline(source: Path, folder: Path, qat, device: str):
 
 def run_lora(args, qat) -> None:
     """--lora: adapters on a frozen quantized base, then the table (float, base, base with adapters or merged)."""
+    from ..files import check_output
     from ..models import read_config_dict, resolve_model_path
     from ..qat.lora import LoraRecoveryConfig, recover_model
 
@@ -99,10 +100,9 @@ def run_lora(args, qat) -> None:
                             "from the outputs only: drop --hidden-loss")
     if args.out is None:
         raise CompressError("--out is required: the folder the adapters (or the merged model) are written to")
-    out = Path(args.out).expanduser().absolute()
-    if out.exists() and not args.overwrite:
-        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
     source = resolve_model_path(args.model)
+    inputs = [source, *input_paths(args)]
+    out = check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     quantized = bool(read_config_dict(source).get("quantization_config"))
     teacher = args.teacher if quantized else (source if args.distill else None)
     if args.distill and teacher is None:
@@ -115,12 +115,17 @@ def run_lora(args, qat) -> None:
     base = source
     if not quantized:  # the base the adapters sit on: kept next to the adapters, which name it
         base = out.with_name(out.name + ("-base-nf4" if qat.method == "nf4" else f"-base-w{qat.bits}"))
-        if base.exists() and not args.overwrite:
-            raise CompressError(f"the base folder {base} already exists; pass --overwrite to replace it")
+        check_output(base, inputs=inputs, overwrite=args.overwrite, what="base folder")
         _baseline(source, base, qat, args.device)
         print(f"quantized {source.name} into {base}")
-    report = recover_model(base, out, config, data=args.data, teacher=teacher, transfer=args.transfer_data,
-                           merge=args.merge, device=args.device, progress=sys.stderr.isatty(), overwrite=args.overwrite)
+    try:
+        report = recover_model(base, out, config, data=args.data, teacher=teacher, transfer=args.transfer_data,
+                               merge=args.merge, device=args.device, progress=sys.stderr.isatty(),
+                               overwrite=args.overwrite)
+    except BaseException:
+        if base != source:  # the base was made for these adapters alone: it goes with them
+            shutil.rmtree(base, ignore_errors=True)
+        raise
     print(report.summary())
     if not args.no_eval:
         if args.labeled is None and report.eval_file is not None:
@@ -140,14 +145,16 @@ def run(args) -> None:
     report = qat_model(args.model, args.out, qat, train=train, data=args.data, distill=args.distill,
                        labeled=args.labeled, text_field=args.text_field, label_field=args.label_field,
                        transfer=args.transfer_data, blocks=args.blocks, checkpoints=args.checkpoints,
-                       overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code,
-                       progress=sys.stderr.isatty())
+                       keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, device=args.device,
+                       trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
     print(report.summary())
     if args.no_eval:
         return
     if args.labeled is None and report.eval_file is not None:
         args.labeled = str(report.eval_file)
-    with tempfile.TemporaryDirectory(dir=report.output.parent, prefix=f".{report.output.name}.") as tmp:
-        ptq = Path(tmp) / f"{report.output.name}-ptq-{'nf4' if qat.method == 'nf4' else 'rtn'}"
+    from ..files import scratch_folder
+
+    with scratch_folder(report.output) as tmp:
+        ptq = tmp / f"{report.output.name}-ptq-{'nf4' if qat.method == 'nf4' else 'rtn'}"
         _baseline(report.source, ptq, qat, args.device)
         run_eval([report.source, ptq, report.output], args)

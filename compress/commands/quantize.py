@@ -115,6 +115,10 @@ def run(args) -> None:
 
     config = build_config(args)
     check_eval_args(args)
+    if getattr(config, "offload", False):
+        from ..files import offload_folder
+
+        offload_folder()  # a bad COMPRESS_OFFLOAD_DIR is found before calibration starts
     report = quantize(args.model, args.out, config, device=args.device, overwrite=args.overwrite,
                       trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
     print(report.summary())

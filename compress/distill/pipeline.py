@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..config import DistillConfig, FinetuneConfig, StudentConfig
 from ..errors import CompressError
+from ..files import checkpoints_in, remove_checkpoints
 from ..models import DEFAULT_MODEL_NAME, default_model_path, detect_kind, load, read_config_dict, resolve_model_path
 from .data import TaskData, check_classes, classification_data, embedding_data, lm_data, read_labeled
 
@@ -71,13 +72,14 @@ def _library_bars(progress: bool) -> None:
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
 
 
-def _prepare_paths(out, checkpoints, overwrite: bool, resume: bool) -> tuple[Path, Path]:
+def _prepare_paths(out, checkpoints, overwrite: bool, resume: bool, inputs=()) -> tuple[Path, Path]:
+    """The output and checkpoint folders, checked (compress.files) before anything is loaded."""
+    from ..files import check_checkpoints, check_output
+
     if out is None:
         raise CompressError("--out is required: the folder the trained model is written to")
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
-    ckdir = Path(checkpoints).expanduser().absolute() if checkpoints else out.with_name(out.name + ".checkpoints")
+    out = check_output(out, inputs=inputs, overwrite=overwrite)
+    ckdir = check_checkpoints(checkpoints or out.with_name(out.name + ".checkpoints"), out=out, inputs=inputs)
     has_checkpoints = ckdir.is_dir() and any(p.name.startswith("checkpoint-") for p in ckdir.iterdir())
     if resume and not has_checkpoints:
         raise CompressError(f"there is no checkpoint to resume from in {ckdir}")
@@ -111,9 +113,9 @@ def _st_side_files(src: Path, dst: Path) -> None:
 
 
 def _publish(result, ckdir: Path, out: Path, overwrite: bool, side_files_from: Path | None, info: dict,
-             info_name: str) -> None:
+             info_name: str, inputs=(), command: str = "distill") -> None:
     """Save the trained student into ``out`` (every process takes part in gathering; the main one writes)."""
-    from ..checkpoint import atomic_output
+    from ..files import atomic_output
     from .trainer import write_run_info
 
     staging = ckdir / "final"
@@ -123,7 +125,7 @@ def _publish(result, ckdir: Path, out: Path, overwrite: bool, side_files_from: P
     if not any(staging.glob("*.safetensors")) and not any(staging.glob("*.bin")):
         raise CompressError("the trained student could not be gathered for saving; under DeepSpeed ZeRO-3 launch with "
                             "--zero3_save_16bit_model true")
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs, command=command) as tmp:
         for item in staging.iterdir():
             shutil.move(str(item), tmp / item.name)
         if side_files_from is not None:
@@ -174,8 +176,9 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
         raise CompressError("--transfer-data is for --task classify; the other tasks train on unlabeled text already")
     if transfer is not None and config.alpha == 0:
         raise CompressError("--transfer-data needs the teacher's predictions: use an --alpha above 0")
-    out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume)
     teacher_dir = resolve_model_path(teacher_path)
+    inputs = [teacher_dir, student_path, data, labeled, transfer]
+    out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume, inputs)
     kind = detect_kind(teacher_dir, read_config_dict(teacher_dir))
     wanted = TASK_KINDS[config.task]
     if kind != wanted:
@@ -225,16 +228,17 @@ def distill_model(teacher_path, out, config: DistillConfig, *, data: str = "buil
                            transfer)
     if kind == "embedding" and student_dir is None and pooling is None:
         pooling = teacher.pooling
-    result = distill(teacher, student_model, task_data, config, output_dir=ckdir, tokenizer=tokenizer,
-                     teacher_pooling=teacher.pooling, student_pooling=pooling, token_map=token_map, resume=resume or None,
-                     device=device, progress=progress)
+    with checkpoints_in(ckdir):
+        result = distill(teacher, student_model, task_data, config, output_dir=ckdir, tokenizer=tokenizer,
+                         teacher_pooling=teacher.pooling, student_pooling=pooling, token_map=token_map,
+                         resume=resume or None, device=device, progress=progress)
     info = {"compress_version": __version__, "teacher": str(teacher_dir), "data": data, "transfer_data": transfer,
             "task": config.task,
             "config": config.to_dict(), "layer_map": result.layer_map, "metrics": result.metrics, **origin}
-    _publish(result, ckdir, out, overwrite, side_from, info, "distill_config.json")
+    _publish(result, ckdir, out, overwrite, side_from, info, "distill_config.json", inputs)
     main = result.trainer.args.should_save
     if main and not keep_checkpoints:
-        shutil.rmtree(ckdir, ignore_errors=True)
+        remove_checkpoints(ckdir)
     return TrainReport(source=teacher_dir, output=out, task=config.task, student=described,
                        seconds=time.perf_counter() - start, examples=len(task_data.train), metrics=result.metrics,
                        eval_file=task_data.eval_file, main_process=main)
@@ -260,8 +264,9 @@ def finetune_model(base_path, out, config: FinetuneConfig, *, data: str, labeled
 
     start = time.perf_counter()
     _library_bars(progress)
-    out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume)
     base_dir = resolve_model_path(base_path)
+    inputs = [base_dir, data, labeled]
+    out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume, inputs)
     _precheck_labeled(data, labeled, text_field, label_field)
     classes = check_classes(read_labeled(data, "train", text_field, label_field)[1], data)
     load_config(base_dir, trust_remote_code)  # a clear error for an unreadable config
@@ -284,14 +289,15 @@ def finetune_model(base_path, out, config: FinetuneConfig, *, data: str, labeled
     train_config = DistillConfig(task="classify", alpha=0.0, **{f.name: getattr(config, f.name)
                                                                for f in dataclasses.fields(FinetuneConfig)})
     task_data = _task_data("classify", tokenizer, train_config, data, label2id, len(classes), labeled, text_field, label_field)
-    result = distill(None, model, task_data, train_config, output_dir=ckdir, tokenizer=tokenizer, resume=resume or None,
-                     device=device, progress=progress)
+    with checkpoints_in(ckdir):
+        result = distill(None, model, task_data, train_config, output_dir=ckdir, tokenizer=tokenizer,
+                         resume=resume or None, device=device, progress=progress)
     info = {"compress_version": __version__, "base_model": str(base_dir), "data": data, "task": "finetune",
             "labels": classes, "config": config.to_dict(), "metrics": result.metrics}
-    _publish(result, ckdir, out, overwrite, None, info, "finetune_config.json")
+    _publish(result, ckdir, out, overwrite, None, info, "finetune_config.json", inputs, "finetune")
     main = result.trainer.args.should_save
     if main and not keep_checkpoints:
-        shutil.rmtree(ckdir, ignore_errors=True)
+        remove_checkpoints(ckdir)
     return TrainReport(source=base_dir, output=out, task="classify", student=f"{_name(base_dir)} with a {len(classes)}-class head",
                        seconds=time.perf_counter() - start, examples=len(task_data.train), metrics=result.metrics,
                        eval_file=task_data.eval_file, main_process=main)

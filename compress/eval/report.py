@@ -114,10 +114,14 @@ class Report:
         return {"device": self.device, "config": self.config, "results": [asdict(r) for r in self.results]}
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        """The results as JSON, with compress's output marker (so a later --json may replace the file)."""
+        from ..files import REPORT_KEY, output_marker
+
+        data = {**self.to_dict(), REPORT_KEY: output_marker("eval")}
+        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
     def plot(self, path: str | Path) -> None:
-        """Accuracy against size on disk, one labelled point per model, saved as PNG."""
+        """Accuracy against size on disk, one labelled point per model, saved as PNG, PDF or SVG (by suffix)."""
         import matplotlib
 
         matplotlib.use("Agg", force=True)
@@ -139,5 +143,8 @@ class Report:
         ax.set_title(f"accuracy against size ({kind} models)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        from .. import __version__
+        from ..files import PLOT_MARK
+
+        fig.savefig(path, dpi=120, metadata={"Creator": f"{PLOT_MARK} {__version__}"})
         plt.close(fig)

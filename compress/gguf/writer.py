@@ -19,7 +19,7 @@ Type choice per tensor, as llama.cpp makes it:
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +171,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     """
     import gguf
 
-    from ..files import atomic_output
+    from ..files import GGUF_MARKER_KEY, atomic_output, check_output, output_marker
     from .arch import detect
     from .source import open_tensors
     from .tokenizer import read_vocab
@@ -185,9 +185,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise CompressError(f"output {out} must be a .gguf file path")
-    parent = out.absolute().parent
-    if parent.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
-        raise CompressError(f"cannot write {out}: {parent} is not a writable folder")
+    check_output(out, inputs=[folder], overwrite=overwrite, is_file=True)
     arch = detect(folder)
     vocab = read_vocab(folder, arch.config.get("vocab_size"))
     replace = replace or {}
@@ -196,8 +194,9 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
         for t in tensors:
             if t.name in replace:
                 t.ggml_type = t.wanted = replace[t.name][0]
-        with atomic_output(out, overwrite=overwrite, is_file=True) as tmp, _os_errors(out):
+        with atomic_output(out, overwrite=overwrite, is_file=True, inputs=[folder]) as tmp, _os_errors(out):
             writer = gguf.GGUFWriter(tmp, arch.name)
+            writer.add_string(GGUF_MARKER_KEY, json.dumps(output_marker("export gguf")))  # what --overwrite may replace
             writer.add_name(folder.name)
             writer.add_file_type(int(gguf.LlamaFileType[TYPES[export_type][1]]))
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

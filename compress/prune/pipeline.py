@@ -124,7 +124,7 @@ def prune(model=None, out=None, config: PruneConfig | None = None, *, device: st
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
         targets, skipped, skeleton, key_of = plan_targets(source, config, reader, trust_remote_code)
-        with atomic_output(out_path, overwrite) as tmp:
+        with atomic_output(out_path, overwrite, inputs=[source], command="prune") as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
             if config.method == "magnitude":
                 stats = _prune_magnitude(reader, targets, config, writer, dev)

@@ -14,13 +14,13 @@ Retraining runs in memory; the result is written once at the end, as one-shot pr
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output
+from ..files import check_output, scratch_folder
 from ..errors import CompressError
 from ..models import LoadedModel, checkpoint_key_map, load, resolve_model_path
 from . import sparse_format
@@ -69,7 +69,7 @@ def save_pruned(loaded: LoadedModel, source: Path, out: Path, config: PruneConfi
     pruned_keys = {key_of[f"{n}.weight"] for n in names}
     stats = {}
     seen: set[str] = set()
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs=[source], command="prune") as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for pname, key in key_of.items():
             if key in seen:
@@ -108,16 +108,14 @@ def run_schedule(model, out, config: PruneConfig, *, schedule: str = "oneshot", 
                      progress=progress)
     source = resolve_model_path(model)
     out_path = Path(out) if out else default_output(source, config)
-    if out_path.exists() and not overwrite:
-        raise CompressError(f"output {out_path.absolute()} already exists; pass --overwrite to replace it")
+    check_output(out_path, inputs=[source], overwrite=overwrite)
     start = time.perf_counter()
     with CheckpointReader(source) as reader:
         targets, skipped, _, _ = plan_targets(source, config, reader, trust_remote_code)
     names = [t.name for t in targets]
     teacher = load(source, device=device, trust_remote_code=trust_remote_code) if options.distill else None
     metrics: dict = {}
-    with tempfile.TemporaryDirectory(prefix="compress-prune-", dir=out_path.absolute().parent) as work:
-        work = Path(work)
+    with scratch_folder(out_path) as work:
         dense = dataclasses.replace(config, storage="dense")
         if schedule == "cubic":
             loaded = load(source, device=device, trust_remote_code=trust_remote_code)

@@ -198,7 +198,7 @@ def convert(model: nn.Module, out: str | Path, *, source: str | Path | None = No
     tensors = packed_tensors(model)
     quant = quantization_config(model)
     out = Path(out)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs=[source] if source is not None else [], command="qat") as tmp:
         writer = ShardWriter(tmp)
         for key, tensor in tensors.items():
             writer.add(key, tensor)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,16 +387,14 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
             the reverse), an existing output without overwrite.
     """
     from ..distill.trainer import distill
-    from ..files import atomic_output
+    from ..files import atomic_output, check_output, scratch_folder
     from ..models import load
 
     start = time.perf_counter()
     require_peft()
     config = config or LoraRecoveryConfig()
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise CompressError(f"output {out} already exists; pass --overwrite to replace it")
     source = resolve_model_path(quantized_dir)
+    out = check_output(out_dir, inputs=[source, teacher], overwrite=overwrite)
     quant = check_quantized_folder(source)
     base = load(source, device="cpu", dtype=torch.float32)
     task = ADAPTER_KINDS.get(base.kind)
@@ -419,8 +416,7 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
     from .lora_layer import QuantLoraLayer
 
     layers = sum(isinstance(m, QuantLoraLayer) for m in peft_model.modules())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.train-") as work:
+    with scratch_folder(out) as work:
         result = distill(teacher_model, peft_model, task_data, config.training_config(task), output_dir=work,
                          tokenizer=tokenizer, device=device, progress=progress)
     peft_model = result.student.to("cpu").eval()
@@ -435,7 +431,7 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
         requantized = merge_loaded(peft_model, base, source, out, requantize, info, overwrite=overwrite,
                                    progress=progress)
     else:
-        with atomic_output(out, overwrite=overwrite) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=[source, teacher], command="qat --lora") as tmp:
             peft_model.save_pretrained(str(tmp))
             (tmp / RECOVERY_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return RecoveryReport(source=source, output=out, merged=merge, layers=layers, trainable=trainable,

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..config import GPTQConfig, NF4Config, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
-from ..files import atomic_output, copy_side_files
+from ..files import atomic_output, check_output, copy_side_files, scratch_folder
 from ..models import (
     LoadedModel,
     build_skeleton,
@@ -157,12 +156,12 @@ def merge_loaded(model: nn.Module, loaded: LoadedModel, source: Path, out: Path,
     auto = not isinstance(requantize, (WeightQuantConfig, NF4Config))
     expected, _ = _layer_split(model)
     float_model = merged_float_model(model, loaded.kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.float-") as scratch:
-        float_dir = Path(scratch) / "merged"
+    check_output(out, inputs=[source], overwrite=overwrite)
+    with scratch_folder(out) as scratch:
+        float_dir = scratch / "merged"
         float_model.save_pretrained(str(float_dir))
         copy_side_files(source, float_dir, skip=("config.json", "quantize_config.json", "generation_config.json"))
-        with atomic_output(out, overwrite=overwrite) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=[source], command="merge") as tmp:
             staged = tmp / "quantized"
             report = quantize(float_dir, staged, config, device="cpu", progress=progress)
             missing = sorted(set(expected) - {layer.name for layer in report.layers})

@@ -10,7 +10,6 @@ learn the float model's embeddings (always distilled).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from .. import __version__
 from ..config import DistillConfig
 from ..errors import CompressError
+from ..files import checkpoints_in, remove_checkpoints
 from ..models import detect_kind, load, read_config_dict, resolve_model_path
 from .config import QATConfig
 
@@ -65,8 +65,9 @@ def train_config(kind: str, train: DistillConfig | None, distill: bool) -> Disti
 
 def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None = None, data: str | None = None,
               distill: bool = False, labeled: str | None = None, text_field: str = "text", label_field: str = "label",
-              transfer: str | None = None, blocks: str | None = None, checkpoints=None, overwrite: bool = False,
-              device: str = "auto", trust_remote_code: bool = False, progress: bool = True) -> QATReport:
+              transfer: str | None = None, blocks: str | None = None, checkpoints=None, keep_checkpoints: bool = False,
+              overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False,
+              progress: bool = True) -> QATReport:
     """Train the model folder ``model_path`` with fake quantization and write the packed result to ``out``.
 
     Args:
@@ -78,6 +79,8 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
         labeled: held-out labeled data for a classifier's accuracy during training.
         transfer: classifiers, with ``distill``: unlabeled texts (demo, or any text source) that only the
             distillation term learns from, as a transfer set.
+        checkpoints: the checkpoint folder (default ``<out>.checkpoints``), removed after a successful
+            run unless ``keep_checkpoints`` (only what compress wrote there; see compress.files).
     """
     from ..distill.pipeline import _library_bars, _prepare_paths, _task_data
     from ..distill.trainer import distill as run_training
@@ -87,8 +90,8 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
     _library_bars(progress)
     if data is None or not str(data).strip():
         raise CompressError("--data is required: the text (or labeled examples) the model trains on")
-    out, ckdir = _prepare_paths(out, checkpoints, overwrite, False)
     source = resolve_model_path(model_path)
+    out, ckdir = _prepare_paths(out, checkpoints, overwrite, False, [source, data, labeled, transfer])
     config_dict = read_config_dict(source)
     if config_dict.get("quantization_config"):
         raise CompressError(f"model {source.name} is already quantized; quantization-aware training starts from a "
@@ -115,14 +118,16 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
     task_data = _task_data(tcfg.task, student.tokenizer, tcfg, data, label2id, num_labels, labeled, text_field,
                            label_field, transfer)
     callback = QATCallback(config)
-    result = run_training(teacher, model, task_data, tcfg, output_dir=ckdir, tokenizer=student.tokenizer,
-                          teacher_pooling=student.pooling, student_pooling=student.pooling, callbacks=[callback],
-                          device=device, progress=progress)
+    with checkpoints_in(ckdir):
+        result = run_training(teacher, model, task_data, tcfg, output_dir=ckdir, tokenizer=student.tokenizer,
+                              teacher_pooling=student.pooling, student_pooling=student.pooling, callbacks=[callback],
+                              device=device, progress=progress)
     model = model.to("cpu").eval()
     info = {"compress_version": __version__, "source": str(source), "data": data, "distill": bool(tcfg.needs_teacher),
             "qat": config.to_dict(), "training": tcfg.to_dict(), "metrics": result.metrics}
     convert(model, out, source=source, overwrite=overwrite, info=info)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    if not keep_checkpoints:
+        remove_checkpoints(ckdir)
     return QATReport(source=source, output=out, config={**config.to_dict(), "label": config.label}, task=tcfg.task,
                      distilled=tcfg.needs_teacher, seconds=time.perf_counter() - start, examples=len(task_data.train),
                      layers=len(fake_layers(model)), metrics=result.metrics, eval_file=task_data.eval_file,

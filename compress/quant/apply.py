@@ -191,7 +191,7 @@ def quantize(
         bias_keys = {t.bias_key: t for t in targets if t.bias_key}
         dtype = output_dtype(config.dtype, reader)
         reports = []
-        with atomic_output(out_path, overwrite) as tmp:
+        with atomic_output(out_path, overwrite, inputs=[source], command="quantize") as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
             for key in _progress(reader.keys(), progress, by_key):
                 tensor = reader.get(key)

@@ -118,7 +118,7 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
                 bar.set_postfix_str(f"{name} loss {result.loss:.4g}", refresh=False)
                 bar.update(1)
 
-        with atomic_output(out_path, overwrite) as tmp:
+        with atomic_output(out_path, overwrite, inputs=[source], command="quantize") as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
             written: set[str] = set()
             for block in runner.run(samples, method, progress=on_layer):

@@ -98,7 +98,7 @@ def quantize_nf4(
         by_key = {t.key: t for t in targets}
         dtype = output_dtype(config.dtype, reader)
         reports, limited = [], []
-        with atomic_output(out_path, overwrite) as tmp:
+        with atomic_output(out_path, overwrite, inputs=[source], command="quantize") as tmp:
             writer = ShardWriter(tmp, max_shard_bytes)
             for key in _progress(reader.keys(), progress):
                 tensor = reader.get(key)
