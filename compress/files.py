@@ -263,10 +263,11 @@ def _check_existing(out: Path, is_file: bool, overwrite: bool, what: str, replac
         ours = accept(out)
     else:
         ours = written_by_compress(out, replaces) or _empty_folder(out)
+    if not ours and replaces and written_by_compress(out):
+        raise CompressError(f"{what} {out} was written by another compress command; compress {replaces} replaces "
+                            f"only its own earlier output or an empty folder: choose another path")
     if not ours:
         held = "holds files compress did not write" if out.is_dir() else "was not written by compress"
-        if replaces and written_by_compress(out):
-            held = f"is an output of compress, not of compress {replaces}"
         raise CompressError(f"{what} {out} {held}; compress replaces only its own outputs and empty folders: "
                             f"choose another path or remove it yourself")
     if not overwrite:

@@ -125,7 +125,7 @@ def test_overwrite_replaces_only_compress_outputs_or_empty_folders(model, tmp_pa
     assert_clean_error(cli(capsys, "eval", "--model", model, "--out", foreign), "did not write")
     made = tmp_path / "made"
     assert cli(capsys, *RTN, "--model", model, "--out", made).returncode == 0
-    assert_clean_error(cli(capsys, "eval", "--model", model, "--out", made), "not of compress eval")
+    assert_clean_error(cli(capsys, "eval", "--model", model, "--out", made), "another compress command")
     assert (foreign / "keep.txt").read_text() == "mine"
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
