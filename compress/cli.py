@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; no partial output was left", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated; nothing was written", file=sys.stderr)
+        print("terminated; no partial output was left", file=sys.stderr)
         return 143
     finally:
         _on_sigterm(previous)

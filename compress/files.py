@@ -295,25 +295,34 @@ def atomic_output(out: str | Path, overwrite: bool = False, is_file: bool = Fals
     removed and ``out`` is left as it was.
     """
     out = check_output(out, inputs=inputs, overwrite=overwrite, is_file=is_file, replaces=replaces)
+    created = [p for p in (out.parent, *out.parent.parents) if not os.path.lexists(p)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CompressError(f"cannot create the output folder {out.parent} ({e.strerror})") from None
     existed = os.path.lexists(out)
-    with _claim(out):
-        remove_stale_temporaries(out)
-        tmp = _temporary(out, "tmp", is_file)
-        try:
-            yield tmp
-            if not is_file:
-                (tmp / OUTPUT_MARKER).write_text(json.dumps(output_marker(command)) + "\n")
-            if not existed and os.path.lexists(out) and not overwrite:
-                raise CompressError(f"output {out} appeared while this run was writing it; nothing was replaced "
-                                    f"(pass --overwrite to replace it)")
-            check_output(out, inputs=inputs, overwrite=overwrite, is_file=is_file, replaces=replaces)
-            _commit(tmp, out)
-        finally:
-            _remove(tmp)
+    committed = False
+    try:
+        with _claim(out):
+            remove_stale_temporaries(out)
+            tmp = _temporary(out, "tmp", is_file)
+            try:
+                yield tmp
+                if not is_file:
+                    (tmp / OUTPUT_MARKER).write_text(json.dumps(output_marker(command)) + "\n")
+                if not existed and os.path.lexists(out) and not overwrite:
+                    raise CompressError(f"output {out} appeared while this run was writing it; nothing was replaced "
+                                        f"(pass --overwrite to replace it)")
+                check_output(out, inputs=inputs, overwrite=overwrite, is_file=is_file, replaces=replaces)
+                _commit(tmp, out)
+                committed = True
+            finally:
+                _remove(tmp)
+    finally:
+        if not committed:  # the folders made for a failed output go too (innermost first), if still empty
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _commit(tmp: Path, out: Path) -> None:

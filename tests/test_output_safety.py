@@ -187,14 +187,26 @@ def test_bad_report_and_output_paths_are_found_before_anything_is_written(model,
     assert not q.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "work"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
-def test_read_only_folder_is_refused(model, tmp_path, capsys):
+@pytest.fixture
+def locked_folder(tmp_path):
+    """A folder nothing may be written into: by its mode, or for root (whom modes do not stop) a read-only mount."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    try:
-        assert_clean_error(cli(capsys, *RTN, "--model", model, "--out", locked / "q"), "not writable")
-    finally:
+    if os.geteuid() != 0:
+        yield locked
         locked.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root may write into any folder, and a read-only mount was refused ({mounted.stderr.strip()!r})")
+    try:
+        yield locked
+    finally:
+        subprocess.run(["umount", str(locked)], check=True)
+
+
+def test_read_only_folder_is_refused(model, locked_folder, capsys):
+    assert_clean_error(cli(capsys, *RTN, "--model", model, "--out", locked_folder / "q"), "not writable")
 
 
 def test_checkpoint_folders_hold_only_what_compress_wrote(model, tmp_path, capsys, hash_tree):
@@ -338,7 +350,7 @@ def test_sigterm_cleans_up_and_sigkill_is_cleaned_by_the_rerun(model, tmp_path, 
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines() == ["terminated; nothing was written"]
+    assert err.strip().splitlines() == ["terminated; no partial output was left"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
     proc = _start_gptq(model, out)
@@ -357,3 +369,16 @@ def test_library_checks_name_the_path(tmp_path):
     with pytest.raises(CompressError, match="must end in .json"):
         check_output(tmp_path / "r.txt", is_file=True, suffixes=(".json",), what="--json file")
     assert check_output(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+
+
+def test_folders_made_for_a_failed_output_are_removed(tmp_path):
+    """A run that fails leaves no trace of its output: not even the folders made to hold it."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "kept" / "a" / "b" / "out") as tmp:
+            (tmp / "weights.bin").write_bytes(b"0")
+            raise RuntimeError("the run failed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    with atomic_output(tmp_path / "kept" / "a" / "out") as tmp:
+        (tmp / "weights.bin").write_bytes(b"0")
+    assert (tmp_path / "kept" / "a" / "out" / "weights.bin").is_file()
