@@ -37,11 +37,27 @@ def is_weight_file(path: Path) -> bool:
     return path.suffix in WEIGHT_SUFFIXES or path.name in INDEX_NAMES
 
 
+SAFETENSORS_MAX_HEADER = 100 * 1024**2  # the format's own limit on the JSON header
+
+
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}."""
+    """The JSON header of a safetensors file: name -> {dtype, shape, data_offsets}.
+
+    The header's stated length is checked against the file (and the format's limit) before it is
+    read, so a damaged or foreign file is one sentence, not a read of whatever length its first bytes say.
+    """
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if not 2 <= n <= min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise CompressError(f"safetensors file {path} is damaged or not a safetensors file: its header "
+                                f"claims {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise CompressError(f"safetensors file {path} is damaged or not a safetensors file: its header is not a JSON object")
     header.pop("__metadata__", None)
     return header
 

@@ -17,7 +17,6 @@ Structure discovery is generic (no class per architecture): the repeated block l
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,13 @@ from torch import nn
 
 from .errors import CompressError
 from .files import DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, default_model_path  # noqa: F401  (re-exported)
+from .model_config import (
+    check_vocabulary,
+    check_weights,
+    checkpoint_key_map,
+    read_config_dict,
+    read_json_file,
+)
 
 KINDS = ("causal", "masked", "classifier", "embedding")
 
@@ -59,34 +65,34 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return p.resolve()
 
 
-def read_config_dict(path: Path) -> dict[str, Any]:
-    """The raw config.json of a model folder."""
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CompressError(f"{path / 'config.json'} is not valid JSON ({e})") from None
-
-
 def load_config(path: Path, trust_remote_code: bool = False):
     """The transformers config of a local folder, without the quantization section.
 
     quantization_config is removed so that transformers never tries to hand the model to a quantizer
     backend; compress reads that section itself.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    read_config_dict(path)  # one sentence for what transformers would raise at length
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        msg = str(e).splitlines()[0]
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as e:
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise CompressError(
                 f"model {path} needs its own code to load; pass --trust-remote-code if you trust it"
             ) from None
-        raise CompressError(f"cannot read the config of {path}: {msg}") from None
+        raise CompressError(f"cannot read the config of {path}: {_first_line(e)}") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     return config
+
+
+def _first_line(e: Exception) -> str:
+    """One line of a library error's message: the first, or for huggingface_hub's validation errors
+    (a heading, then the cause) the last."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return lines[-1] if type(e).__name__.startswith("StrictDataclass") else lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,16 +161,17 @@ def read_pooling(path: Path) -> Pooling:
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return Pooling("mean", False)
-    try:
-        modules = json.loads(modules_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CompressError(f"{modules_file} is not valid JSON ({e})") from None
+    modules = read_json_file(modules_file, "sentence-transformers module list")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise CompressError(f"{modules_file} must be a JSON list of modules, each an object with a type and a path")
     pooling, normalize = Pooling("mean", False), False
     for module in modules:
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Pooling":
-            cfg_file = path / module.get("path", "") / "config.json"
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            cfg_file = path / str(module.get("path", "")) / "config.json"
+            cfg = read_json_file(cfg_file, "pooling config") if cfg_file.exists() else {}
+            if not isinstance(cfg, dict):
+                raise CompressError(f"pooling config {cfg_file} must be a JSON object of pooling_mode settings")
             if cfg.get("pooling_mode"):
                 mode = cfg["pooling_mode"]
             else:
@@ -263,22 +270,24 @@ def block_linears(model: nn.Module, override: str | None = None) -> list[dict[st
     return [find_linears(block, f"{name}.{i}") for i, block in enumerate(blocks)]
 
 
-def plan_block_linears(source: Path, keys, choose, *, blocks: str | None = None, trust_remote_code: bool = False,
+def plan_block_linears(source: Path, reader, choose, *, blocks: str | None = None, trust_remote_code: bool = False,
                        verb: str = "quantize", quantized_hint: str = "quantize its full-precision original"):
     """Walk the Linear layers of a full-precision model folder's blocks without loading its weights.
 
-    ``keys`` are the checkpoint's tensor names; ``choose(name)`` gives a layer's setting, or None to skip
-    it. Returns (kind, skeleton, key_of, chosen, skipped) where chosen lists (name, module, weight key,
-    block index, setting). A quantized folder, a layer without a weight, or nothing left to ``verb``
-    raises CompressError.
+    ``reader`` is the folder's CheckpointReader, whose header is checked against the config first;
+    ``choose(name)`` gives a layer's setting, or None to skip it. Returns (kind, skeleton, key_of,
+    chosen, skipped) where chosen lists (name, module, weight key, block index, setting). A quantized
+    folder, a layer without a weight, or nothing left to ``verb`` raises CompressError.
     """
     config_dict = read_config_dict(source)
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "unknown")
         raise CompressError(f"model {source} is already quantized ({method}); {quantized_hint}")
     kind = detect_kind(source, config_dict)
+    check_vocabulary(source, config_dict)
     skeleton = build_skeleton(load_config(source, trust_remote_code), kind, trust_remote_code)
-    key_of = checkpoint_key_map(skeleton, keys)
+    key_of = checkpoint_key_map(skeleton, reader.keys())
+    check_weights(skeleton, reader, key_of)
     chosen, skipped = [], []
     for block, linears in enumerate(block_linears(skeleton, blocks)):
         for name, module in linears.items():
@@ -421,15 +430,10 @@ def load(
     """
     from .checkpoint import CheckpointReader
 
-    folder = resolve_model_path(path)
-    config_dict = read_config_dict(folder)
-    kind = kind or detect_kind(folder, config_dict)
-    if kind not in KINDS:
-        raise CompressError(f"model kind '{kind}' is not one of {', '.join(KINDS)}")
+    folder, config_dict, kind, pooling, config = _read_folder(path, kind, trust_remote_code)
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     quant = config_dict.get("quantization_config")
-    config = load_config(folder, trust_remote_code)
     with CheckpointReader(folder) as reader:
         if quant:
             from .quant.loading import build_quantized_model
@@ -439,8 +443,40 @@ def load(
             model = _build_full_precision(config, kind, reader, dtype, trust_remote_code)
     model.to(dev).eval()
     tokenizer = load_tokenizer(folder, trust_remote_code)
-    pooling = read_pooling(folder) if kind == "embedding" else None
     return LoadedModel(model=model, tokenizer=tokenizer, kind=kind, path=folder, pooling=pooling, quantization=quant)
+
+
+def _read_folder(path, kind: str | None, trust_remote_code: bool):
+    """(folder, config dict, kind, pooling, transformers config): what load and check_folder read and check
+    before any weight: config.json, the tokenizer's vocabulary, pooling files, the quantization_config."""
+    folder = resolve_model_path(path)
+    config_dict = read_config_dict(folder)
+    kind = kind or detect_kind(folder, config_dict)
+    if kind not in KINDS:
+        raise CompressError(f"model kind '{kind}' is not one of {', '.join(KINDS)}")
+    check_vocabulary(folder, config_dict)
+    pooling = read_pooling(folder) if kind == "embedding" else None
+    if config_dict.get("quantization_config"):
+        from .quant.loading import check_quantization_config
+
+        check_quantization_config(config_dict["quantization_config"])
+    return folder, config_dict, kind, pooling, load_config(folder, trust_remote_code)
+
+
+def check_folder(path: str | Path | None, trust_remote_code: bool = False) -> tuple[Path, str]:
+    """Every check :func:`load` makes before it reads a weight, without reading one: (folder, kind).
+
+    Besides _read_folder's, the checkpoint header against the skeleton the config implies (layers
+    stored quantized are left to their format's loader). Commands that take several models call it
+    for each before any work.
+    """
+    from .checkpoint import CheckpointReader
+
+    folder, _, kind, _, config = _read_folder(path, None, trust_remote_code)
+    skeleton = build_skeleton(config, kind, trust_remote_code)
+    with CheckpointReader(folder) as reader:
+        check_weights(skeleton, reader, checkpoint_key_map(skeleton, reader.keys()))
+    return folder, kind
 
 
 def build_skeleton(config, kind: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
@@ -454,8 +490,8 @@ def build_skeleton(config, kind: str, trust_remote_code: bool = False, dtype: to
     try:
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype else {}))
-    except ValueError as e:
-        raise CompressError(f"transformers cannot build a {kind} model from this config: {str(e).splitlines()[0]}") from None
+    except (ValueError, TypeError, RuntimeError, AssertionError) as e:  # config values transformers could not build from
+        raise CompressError(f"transformers cannot build a {kind} model from this config: {_first_line(e)}") from None
     return model
 
 
@@ -470,9 +506,11 @@ def load_state(model: nn.Module, reader, dtype: torch.dtype, rename: dict[str, s
 
     Checkpoint keys are matched to parameter names directly, or across the base-model prefix
     (``bert.`` / ``model.``) that some checkpoints add or drop. Tied weights are re-tied afterwards.
-    Raises CompressError naming the first tensor the checkpoint lacks.
+    Before any tensor is read the header is checked against the model (check_weights), so a missing
+    tensor or a shape or dtype other than config.json implies is one sentence naming it.
     """
     key_of = checkpoint_key_map(model, reader.keys())
+    check_weights(model, reader, key_of)
     state = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         key = key_of.get(name)
@@ -481,10 +519,6 @@ def load_state(model: nn.Module, reader, dtype: torch.dtype, rename: dict[str, s
         value = reader.get(key)
         if value.is_floating_point() and tensor.is_floating_point():
             value = value.to(dtype)
-        if tuple(value.shape) != tuple(tensor.shape):
-            raise CompressError(
-                f"checkpoint tensor {key} has shape {tuple(value.shape)} but the model expects {tuple(tensor.shape)}"
-            )
         state[name] = value
     model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
@@ -492,22 +526,3 @@ def load_state(model: nn.Module, reader, dtype: torch.dtype, rename: dict[str, s
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise CompressError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing in all)")
-
-
-def checkpoint_key_map(model: nn.Module, keys) -> dict[str, str]:
-    """Map each state-dict name of ``model`` to the checkpoint key that holds it."""
-    keys = set(keys)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    out = {}
-    for name in model.state_dict(keep_vars=True):
-        candidates = [name]
-        if prefix:
-            if name.startswith(prefix + "."):
-                candidates.append(name[len(prefix) + 1:])
-            else:
-                candidates.append(f"{prefix}.{name}")
-        for cand in candidates:
-            if cand in keys:
-                out[name] = cand
-                break
-    return out

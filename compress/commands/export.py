@@ -48,6 +48,10 @@ def run(args) -> None:
     check_outputs(args, out_is_file=True, out_suffixes=(".gguf",))
     model = args.model or default_model_path()
     extra = {}
+    if args.from_gptq or args.imatrix:  # both read the model before the export would check it
+        from ..gguf.writer import check_source
+
+        check_source(model, args.type)
     if args.from_gptq:
         from ..gguf.calibrated import gptq_blocks
 

@@ -259,7 +259,7 @@ def finetune_model(base_path, out, config: FinetuneConfig, *, data: str, labeled
     """
     import transformers
 
-    from ..models import load_config, load_tokenizer
+    from ..models import check_folder, load_tokenizer
     from .trainer import distill
 
     start = time.perf_counter()
@@ -269,7 +269,8 @@ def finetune_model(base_path, out, config: FinetuneConfig, *, data: str, labeled
     out, ckdir = _prepare_paths(out, checkpoints, overwrite, resume, inputs)
     _precheck_labeled(data, labeled, text_field, label_field)
     classes = check_classes(read_labeled(data, "train", text_field, label_field)[1], data)
-    load_config(base_dir, trust_remote_code)  # a clear error for an unreadable config
+    # config, tokenizer and checkpoint header first: from_pretrained below would re-initialise mismatched weights
+    check_folder(base_dir, trust_remote_code)
     if read_config_dict(base_dir).get("quantization_config"):
         raise CompressError(f"model {base_dir.name} is quantized; fine-tune a full-precision model")
     tokenizer = load_tokenizer(base_dir, trust_remote_code)

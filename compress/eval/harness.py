@@ -148,23 +148,28 @@ def _adapter_rank(folder: Path) -> str:
 
 
 def _warm_up(models, cfg: EvalConfig, trust_remote_code: bool) -> None:
-    """Pay one-time costs before any measurement (reading the evaluation text, importing each model's
-    code, starting its tokenizer), so the first model's memory and time are not inflated by them."""
-    from ..models import build_skeleton, detect_kind, load_config, load_tokenizer, read_config_dict, resolve_model_path
+    """Check every model and pay one-time costs before any measurement (reading the evaluation text,
+    importing each model's code, starting its tokenizer), so a bad input stops the run before the first
+    model is measured and that model's memory and time are not inflated by them."""
+    from ..models import check_folder, load_tokenizer
+    from ..qat.lora import adapter_info, is_adapter_folder
     from .tasks import _heldout
 
-    if not cfg.labeled:
-        _heldout(cfg)
-    from ..qat.lora import adapter_info, is_adapter_folder
-
+    kinds = {}
     for item in models:
         if isinstance(item, LoadedModel):
+            kinds[item.kind] = item.name
             continue
-        if item is not None and is_adapter_folder(item):  # warm up the base the adapters belong to
+        if item is not None and is_adapter_folder(item):  # check and warm up the base the adapters belong to
             item = adapter_info(item)["base"]
-        path = resolve_model_path(item)
-        build_skeleton(load_config(path, trust_remote_code), detect_kind(path, read_config_dict(path)), trust_remote_code)
+        path, kind = check_folder(item, trust_remote_code)
+        kinds.setdefault(kind, path.name)
         load_tokenizer(path, trust_remote_code)
+    if len(kinds) > 1:
+        listed = ", ".join(f"{name} is {kind}" for kind, name in kinds.items())
+        raise CompressError(f"models of different kinds cannot be compared in one table ({listed})")
+    if not cfg.labeled:
+        _heldout(cfg)
 
 
 def compare(models, config: EvalConfig | None = None, *, trust_remote_code: bool = False, progress: bool = True) -> Report:

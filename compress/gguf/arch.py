@@ -12,7 +12,6 @@ Two families, one table each, no class per model:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CompressError
+from ..model_config import Expected, read_config_dict, read_json_file
 
 SUPPORTED = "Llama, Mistral, Qwen2 (causal LMs) and BERT (embedding models)"
 LLAMA_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -53,17 +53,15 @@ class Arch:
     tensor_names: Callable[[str], str | None]  # HF name -> GGUF name, None for tensors llama.cpp does not use
     transform: Callable[[str, np.ndarray], np.ndarray]  # applied to each tensor under its GGUF name
     write_metadata: Callable[[object], None]  # adds the {arch}.* keys to a gguf.GGUFWriter
+    shapes: dict[str, Expected]  # GGUF name -> the tensor config.json implies (torch order)
     tied_output: bool = False
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
+    """config.json, checked as for every command (compress.model_config)."""
+    if not (folder / "config.json").is_file():
         raise CompressError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompressError(f"{path} is not valid JSON ({e})") from None
+    return read_config_dict(folder)
 
 
 def detect(folder: Path) -> Arch:
@@ -146,7 +144,27 @@ def _llama(config: dict, arch: str) -> Arch:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
 
-    return Arch(arch, config, n_layers, names, transform, metadata, tied_output=tied)
+    return Arch(arch, config, n_layers, names, transform, metadata, _llama_shapes(config, arch, n_head, n_kv, head_dim),
+                tied_output=tied)
+
+
+def _llama_shapes(config: dict, arch: str, n_head: int, n_kv: int, head_dim: int) -> dict[str, Expected]:
+    """The tensors of a Llama-family checkpoint by GGUF name; biases are optional except Qwen2's q, k, v."""
+    h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q, kv = n_head * head_dim, n_kv * head_dim
+    shapes = {"token_embd.weight": Expected((v, h)), "output_norm.weight": Expected((h,))}
+    if not config.get("tie_word_embeddings", False):
+        shapes["output.weight"] = Expected((v, h))
+    block = {"attn_norm.weight": (h,), "attn_q.weight": (q, h), "attn_k.weight": (kv, h), "attn_v.weight": (kv, h),
+             "attn_output.weight": (h, q), "ffn_norm.weight": (h,), "ffn_gate.weight": (f, h), "ffn_up.weight": (f, h),
+             "ffn_down.weight": (h, f)}
+    biases = {"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,), "attn_output.bias": (h,),
+              "ffn_gate.bias": (f,), "ffn_up.bias": (f,), "ffn_down.bias": (h,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{name}": Expected(shape) for name, shape in block.items()})
+        shapes.update({f"blk.{i}.{name}": Expected(shape, required=arch == "qwen2" and name[5] in "qkv")
+                       for name, shape in biases.items()})
+    return shapes
 
 
 def pooling_type(folder: Path) -> int:
@@ -155,13 +173,14 @@ def pooling_type(folder: Path) -> int:
     if not modules.is_file():
         return 1
     try:
-        entries = json.loads(modules.read_text())
-        pool = next((m for m in entries if m.get("type", "").endswith("Pooling")), None)
+        entries = read_json_file(modules, "sentence-transformers module list")
+        pool = next((m for m in entries if str(m.get("type", "")).endswith("Pooling")), None)
         if pool is None:
             return 1
-        cfg = json.loads((folder / pool["path"] / "config.json").read_text())
-    except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
-        raise CompressError(f"the sentence-transformers pooling configuration in {folder} cannot be read ({e})") from None
+        cfg = read_json_file(folder / pool["path"] / "config.json", "pooling config")
+        cfg.get("pooling_mode")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CompressError(f"the sentence-transformers pooling configuration in {folder} is malformed ({e!r})") from None
     if cfg.get("pooling_mode_mean_tokens") or cfg.get("pooling_mode") == "mean":
         return 1
     if cfg.get("pooling_mode_cls_token") or cfg.get("pooling_mode") == "cls":
@@ -208,4 +227,21 @@ def _bert(config: dict, folder: Path) -> Arch:
         w.add_pooling_type(gguf.PoolingType(pooling))
         w.add_token_type_count(int(config.get("type_vocab_size", 2)))
 
-    return Arch("bert", config, config["num_hidden_layers"], names, lambda name, data: data, metadata)
+    return Arch("bert", config, config["num_hidden_layers"], names, lambda name, data: data, metadata, _bert_shapes(config))
+
+
+def _bert_shapes(config: dict) -> dict[str, Expected]:
+    """The tensors of a BERT encoder by GGUF name (heads and pooler are not exported)."""
+    h, f = config["hidden_size"], config["intermediate_size"]
+    top = {"token_embd": (config.get("vocab_size", 30522), h), "position_embd": (config.get("max_position_embeddings", 512), h),
+           "token_types": (config.get("type_vocab_size", 2), h)}
+    shapes = {f"{name}.weight": Expected(shape) for name, shape in top.items()}
+    shapes.update({"token_embd_norm.weight": Expected((h,)), "token_embd_norm.bias": Expected((h,))})
+    block = {"attn_q": (h, h), "attn_k": (h, h), "attn_v": (h, h), "attn_output": (h, h), "attn_output_norm": None,
+             "ffn_up": (f, h), "ffn_down": (h, f), "layer_output_norm": None}
+    for i in range(config["num_hidden_layers"]):
+        for name, shape in block.items():
+            rows = shape[0] if shape else h
+            shapes[f"blk.{i}.{name}.weight"] = Expected(shape or (h,))
+            shapes[f"blk.{i}.{name}.bias"] = Expected((rows,))
+    return shapes

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +57,7 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     symmetric one.
     """
     from ..checkpoint import CheckpointReader
+    from ..model_config import read_config_dict, shape_differences
     from ..quant.formats import GPTQFormat
     from .arch import detect
 
@@ -65,7 +65,8 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     config_path = gptq / "config.json"
     if not config_path.is_file():
         raise CompressError(f"{gptq} is not a model folder (no config.json)")
-    quant = json.loads(config_path.read_text()).get("quantization_config") or {}
+    gptq_config = read_config_dict(gptq)
+    quant = gptq_config.get("quantization_config") or {}
     if quant.get("quant_method") != "gptq":
         raise CompressError(f"{gptq} is not a GPTQ checkpoint; make one with compress quantize --method gptq --group-size 32")
     fmt = GPTQFormat.from_config(quant)
@@ -77,20 +78,21 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     if export_type == "q4_0" and not fmt.sym:
         raise CompressError("an asymmetric GPTQ checkpoint needs --type q4_1 (Q4_0 has no zero point)")
     arch = detect(Path(model).expanduser())
+    differences = shape_differences(arch.config, gptq_config)
+    if differences:
+        raise CompressError(f"{gptq} was not made from {Path(model).name}: its config has {differences[0]}")
     out = {}
     with CheckpointReader(gptq) as reader:
-        for key in reader.keys():
-            if not key.endswith(".qweight"):
-                continue
-            prefix = key[: -len(".qweight")]
-            name = arch.tensor_names(prefix + ".weight")
-            if name is None:
-                continue
+        layers = [(k[: -len(".qweight")], arch.tensor_names(k[: -len(".qweight")] + ".weight"))
+                  for k in reader.keys() if k.endswith(".qweight")]
+        layers = [(prefix, name) for prefix, name in layers if name is not None]
+        for prefix, name in layers:  # every layer's shapes before any is read
+            check_gptq_layer(reader, prefix, arch.shapes[name].shape, gptq)
+        for prefix, name in layers:
+            key = prefix + ".qweight"
             codes = unpack_rows(reader.get(key)).t().numpy()  # [N, K]
             scales = reader.get(prefix + ".scales").float().t().numpy()  # [N, G]
             zeros = (unpack_cols(reader.get(prefix + ".qzeros")) + fmt.zero_offset).t().numpy().astype(np.float32)
-            if codes.shape[1] % 32:
-                raise CompressError(f"layer {prefix} has {codes.shape[1]} inputs, not a multiple of 32")
             g_idx = reader.get(prefix + ".g_idx").numpy() if prefix + ".g_idx" in reader else None
             if g_idx is not None and not np.array_equal(g_idx, np.arange(codes.shape[1]) // 32):
                 raise CompressError(f"layer {prefix} has act-order groups out of column order, which GGUF blocks cannot "
@@ -103,6 +105,22 @@ def gptq_blocks(model: str | Path, gptq: str | Path, export_type: str) -> dict[s
     if not out:
         raise CompressError(f"{gptq} holds no quantized layer this model's GGUF graph uses")
     return out
+
+
+def check_gptq_layer(reader, prefix: str, shape: tuple[int, int], gptq: Path) -> None:
+    """Refuse a 4-bit, group-32 layer whose qweight, scales or qzeros do not fit the float weight [N, K]."""
+    n, k = shape
+    if k % 32:
+        raise CompressError(f"layer {prefix} has {k} inputs, not a multiple of 32")
+    want = {"qweight": (k // 8, n), "scales": (k // 32, n), "qzeros": (k // 32, -(-n // 8))}
+    for suffix, expected in want.items():
+        key = f"{prefix}.{suffix}"
+        if key not in reader:
+            raise CompressError(f"{gptq} has no {key}; the GPTQ checkpoint is incomplete")
+        stored = tuple(reader.info(key)[1])
+        if stored != expected:
+            raise CompressError(f"GPTQ tensor {key} in {gptq} has shape {stored} but a {n} x {k} layer needs {expected}; "
+                                "the checkpoint does not belong to this model")
 
 
 class SquareObserver:

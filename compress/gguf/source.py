@@ -80,6 +80,7 @@ class TorchTensors:
     def __init__(self, folder: Path):
         from ..checkpoint import CheckpointReader
 
+        self.folder = folder
         self._reader = CheckpointReader(folder)
 
     def __enter__(self) -> TorchTensors:

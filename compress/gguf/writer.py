@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CompressError
+from ..model_config import check_tensors
 
 # export type -> (ggml type of matrices, llama.cpp file type); the mixes pick per tensor
 TYPES = {
@@ -152,9 +153,24 @@ def plan(reader, arch, export_type: str) -> list[TensorPlan]:
             raise CompressError(f"tensor {hf_name} is not floating point; GGUF export needs a floating-point checkpoint")
         wanted = choose_type(name, shape, export_type, arch.n_layers, arch.tied_output)
         out.append(TensorPlan(hf_name, name, tuple(shape), fit_to_rows(wanted, shape[-1]), wanted))
-    if not any(t.name == "token_embd.weight" for t in out):
-        raise CompressError("the checkpoint has no token embedding; it is not a complete model")
+    check_tensors(arch.shapes, {t.name: (t.hf_name, "float", True, t.shape) for t in out}, reader.folder)
     return out
+
+
+def check_source(model: str | Path, export_type: str = "f16") -> None:
+    """export_gguf's checks of the input folder (config, tokenizer, every tensor's dtype and shape) from
+    headers alone, for callers that do other work with the folder first."""
+    from .arch import detect
+    from .source import open_tensors
+    from .tokenizer import read_vocab
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise CompressError(f"model folder {folder} does not exist")
+    arch = detect(folder)
+    read_vocab(folder, arch.config.get("vocab_size"))
+    with open_tensors(folder) as reader:
+        plan(reader, arch, export_type)
 
 
 def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *, overwrite: bool = False,

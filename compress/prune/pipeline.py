@@ -79,7 +79,7 @@ def default_output(source: Path, config: PruneConfig) -> Path:
 def plan_targets(source: Path, config: PruneConfig, reader: CheckpointReader, trust_remote_code: bool = False):
     """(targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each is pruned."""
     _, skeleton, key_of, chosen, skipped = plan_block_linears(
-        source, reader.keys(), config.sparsity_for, blocks=config.blocks, trust_remote_code=trust_remote_code,
+        source, reader, config.sparsity_for, blocks=config.blocks, trust_remote_code=trust_remote_code,
         verb="prune", quantized_hint="prune its full-precision original, then quantize")
     targets = []
     for name, module, key, _, spec in chosen:

@@ -104,7 +104,7 @@ def plan_targets(source: Path, config: WeightQuantConfig, reader: CheckpointRead
     """(kind, targets, skipped, skeleton, key_of): the Linear layers of the repeated blocks and how each
     is quantized, the model's skeleton and the map from its state-dict names to checkpoint keys."""
     kind, skeleton, key_of, chosen, skipped = plan_block_linears(
-        source, reader.keys(), config.spec_for, blocks=config.blocks, trust_remote_code=trust_remote_code)
+        source, reader, config.spec_for, blocks=config.blocks, trust_remote_code=trust_remote_code)
     targets = []
     for name, module, key, block, spec in chosen:
         k, n = linear_shape(module)

@@ -101,22 +101,28 @@ class GPTQFormat:
 
     @classmethod
     def from_config(cls, quant: dict) -> "GPTQFormat":
+        """Parse a quantization_config; one sentence naming the field for anything malformed."""
         if quant.get("quant_method", "gptq") != "gptq":
             raise CompressError(f"quant_method '{quant.get('quant_method')}' is not GPTQ")
-        bits = int(quant.get("bits", 4))
-        if bits not in SUPPORTED_BITS:
-            raise CompressError(f"the checkpoint uses {bits}-bit GPTQ, which compress cannot read (2, 3, 4, 8)")
-        fmt = str(quant.get("checkpoint_format", "gptq"))
+        bits, group_size = _bits_and_group(quant, "quantization_config")
+        fmt = quant.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
-            raise CompressError(f"GPTQ checkpoint_format '{fmt}' is not supported (gptq, gptq_v2)")
-        return cls(
-            bits=bits,
-            group_size=int(quant.get("group_size", 128)),
-            sym=bool(quant.get("sym", True)),
-            desc_act=bool(quant.get("desc_act", False)),
-            checkpoint_format=fmt,
-            dynamic=dict(quant.get("dynamic") or {}),
-        )
+            raise CompressError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        for key in ("sym", "desc_act"):
+            if quant.get(key) is not None and not isinstance(quant[key], bool):
+                raise CompressError(f"quantization_config {key} must be true or false, not {quant[key]!r}")
+        dynamic = quant.get("dynamic") or {}
+        if not isinstance(dynamic, dict) or not all(isinstance(v, dict) for v in dynamic.values()):
+            raise CompressError("quantization_config dynamic must map module patterns to objects of bits and group_size")
+        for key, values in dynamic.items():
+            _bits_and_group({"bits": bits, "group_size": group_size, **values}, f"quantization_config dynamic rule {key!r}")
+            try:
+                re.compile(key[2:] if key[:2] in ("+:", "-:") else key)
+            except re.error:
+                raise CompressError(f"quantization_config dynamic rule {key!r} is not a valid regular expression") from None
+        sym, desc_act = quant.get("sym"), quant.get("desc_act")
+        return cls(bits=bits, group_size=group_size, sym=True if sym is None else sym, desc_act=bool(desc_act),
+                   checkpoint_format=fmt, dynamic=dynamic)
 
     @property
     def zero_offset(self) -> int:
@@ -130,6 +136,16 @@ class GPTQFormat:
             if sign == "+" and re.match(pattern, name):
                 return int(values.get("bits", self.bits)), int(values.get("group_size", self.group_size))
         return self.bits, self.group_size
+
+
+def _bits_and_group(section: dict, where: str) -> tuple[int, int]:
+    """(bits, group_size) of a GPTQ section, checked: bits in SUPPORTED_BITS, group size -1 or positive."""
+    bits, group_size = section.get("bits", 4), section.get("group_size", 128)
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise CompressError(f"{where} sets {bits!r}-bit GPTQ, which compress cannot read (2, 3, 4, 8)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise CompressError(f"{where} group_size must be -1 or a positive integer, not {group_size!r}")
+    return bits, group_size
 
 
 def vllm_refusals(name: str, in_features: int, out_features: int, spec: QuantSpec) -> list[str]:

@@ -17,15 +17,26 @@ from .formats import GPTQFormat
 from .linear import QuantLinear
 
 
+def check_quantization_config(quant: dict) -> None:
+    """Refuse a quantization_config that compress.load cannot read, before anything is built."""
+    method = quant.get("quant_method")
+    if method == "bitsandbytes":
+        from .bnb_format import check_bnb_config
+
+        check_bnb_config(quant)
+    elif method == "gptq":
+        GPTQFormat.from_config(quant)
+    else:
+        raise CompressError(f"quant_method '{method}' is not supported by compress.load (supported: gptq, bitsandbytes)")
+
+
 def build_quantized_model(config, kind: str, reader, quant: dict, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """A model of ``kind`` whose quantized layers are runtime modules, filled from ``reader``."""
-    method = quant.get("quant_method")
-    if method == "bitsandbytes":  # 4-bit NF4 / FP4 (ours, transformers' or bitsandbytes' own)
+    check_quantization_config(quant)
+    if quant.get("quant_method") == "bitsandbytes":  # 4-bit NF4 / FP4 (ours, transformers' or bitsandbytes' own)
         from .bnb_loading import build_bnb_model
 
         return build_bnb_model(config, kind, reader, quant, dtype, trust_remote_code)
-    if method != "gptq":
-        raise CompressError(f"quant_method '{method}' is not supported by compress.load (supported: gptq, bitsandbytes)")
     fmt = GPTQFormat.from_config(quant)
     model = build_skeleton(config, kind, trust_remote_code, dtype)
     swapped = swap_gptq_layers(model, reader, fmt)
