@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,8 +26,35 @@ def _check_regexes(patterns, option: str) -> None:
             raise CompressError(f"{option} '{p}' is not a valid regular expression ({e})") from None
 
 
+# options whose flag is not the field's name with dashes
+_FLAG_NAMES = {"learning_rate": "--lr", "hidden_weight": "--hidden-loss", "attn_weight": "--attn-loss",
+               "cosine_weight": "--cosine-loss"}
+
+
+def check_numbers(config, flags: dict[str, str] | None = None) -> None:
+    """Refuse NaN and infinity in every float field of a config dataclass, naming its flag.
+
+    Range checks alone let them through (``inf > 0`` holds, NaN fails no ``<``), and a temperature of
+    inf trains on a loss of 0. ``flags`` names fields whose flag differs from ``--field-name``.
+    """
+    names = {**_FLAG_NAMES, **(flags or {})}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            flag = names.get(f.name, "--" + f.name.replace("_", "-"))
+            raise CompressError(f"{flag} must be a finite number, got {value}")
+
+
 class JSONConfig:
-    """to_dict / from_dict / to_json / from_json for the dataclasses below."""
+    """to_dict / from_dict / to_json / from_json for the dataclasses below, and their NaN / inf check.
+
+    Subclasses call ``super().__post_init__()`` first; FLAGS names fields whose flag differs.
+    """
+
+    FLAGS: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self):
+        check_numbers(self, self.FLAGS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +105,7 @@ class WeightQuantConfig(JSONConfig):
     dtype: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         QuantSpec(self.bits, self.group_size, self.sym)
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
@@ -152,6 +181,7 @@ class NF4Config(JSONConfig):
     dtype: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise CompressError(f"--dtype {self.dtype} is not one of auto, float16, bfloat16, float32")
         if self.quant_type not in QUANT_TYPES:
@@ -265,6 +295,7 @@ class EvalConfig(JSONConfig):
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("seqlen", "ppl_tokens", "samples", "batch_size", "latency_seqlen", "decode_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise CompressError(f"evaluation option {name} must be at least 1, got {getattr(self, name)}")
@@ -320,6 +351,7 @@ class TrainingConfig(JSONConfig):
     evaluate: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.steps is None and not self.epochs > 0:
             raise CompressError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps < 1:
@@ -445,6 +477,7 @@ class StudentConfig(JSONConfig):
     intermediate_size: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.layers is not None and self.layer_indices is not None:
             raise CompressError("give either --student-layers K or --layer-indices, not both")
         if self.layers is not None and self.layers < 1:

@@ -17,9 +17,11 @@ permutation, so the same seed always gives the same samples.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from .errors import CompressError
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
+# a data file is read whole into memory; corpora beyond this belong in a saved dataset (hf:/path), memory-mapped
+MAX_DATA_BYTES = 2 * 1024**3
 
 
 def load_texts(source: str = "builtin", split: str = "train", text_field: str = "text") -> list[str]:
@@ -51,27 +55,64 @@ def load_texts(source: str = "builtin", split: str = "train", text_field: str = 
     return texts
 
 
-def _load_file(path: Path, text_field: str) -> list[str]:
-    if not path.exists():
-        raise CompressError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise CompressError(f"data path {path} is a folder; pass a .txt, .jsonl or .csv file (or hf:{path} for a saved dataset)")
-    suffix = path.suffix.lower()
+def check_data_file(path: Path, what: str = "data file") -> None:
+    """Refuse a data path that is missing, a folder, not a regular file (a FIFO would block, /dev/zero
+    never ends) or larger than MAX_DATA_BYTES, before it is opened."""
     try:
-        if suffix in JSONL_SUFFIXES:
-            return [str(rec[text_field]) for rec in _read_jsonl(path, text_field)]
-        if suffix in CSV_SUFFIXES:
-            return [row[text_field] for row in _read_csv(path, text_field)]
-        if suffix in TEXT_SUFFIXES or suffix == "":
-            text = path.read_text(encoding="utf-8")
-            return [block.strip() for block in text.split("\n\n") if block.strip()]
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CompressError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise CompressError(f"{what} {path} cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CompressError(f"{what} {path} is a folder; pass a .txt, .jsonl or .csv file (or hf:{path} for a saved dataset)")
+    if not stat.S_ISREG(info.st_mode):
+        raise CompressError(f"{what} {path} is not a regular file (a pipe, device or socket); pass a .txt, .jsonl or .csv file")
+    if info.st_size > MAX_DATA_BYTES:
+        raise _too_big(path, what)
+
+
+def _too_big(path: Path, what: str) -> CompressError:
+    return CompressError(f"{what} {path} is larger than {MAX_DATA_BYTES // 1024**3} GiB; save a corpus that large as a "
+                         "dataset (Dataset.save_to_disk) and pass hf:/path")
+
+
+def read_data_text(path: Path, what: str = "data file") -> str:
+    """The UTF-8 text of a data file that :func:`check_data_file` accepts.
+
+    The read is non-blocking and bounded, so a file swapped for a pipe or growing meanwhile cannot hang
+    or exhaust memory.
+    """
+    check_data_file(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_DATA_BYTES + 1)
+    except OSError as e:
+        raise CompressError(f"{what} {path} cannot be read ({e.strerror})") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise _too_big(path, what)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise CompressError(f"data file {path} is not UTF-8 text") from None
-    raise CompressError(f"data file {path} has an unknown type '{suffix}'; use .txt, .jsonl or .csv")
+        raise CompressError(f"{what} {path} is not UTF-8 text") from None
 
 
-def _read_jsonl(path: Path, required: str, *more: str) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+def _load_file(path: Path, text_field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix not in (*JSONL_SUFFIXES, *CSV_SUFFIXES, *TEXT_SUFFIXES, ""):
+        check_data_file(path)  # a missing file or a pipe is the first thing to say
+        raise CompressError(f"data file {path} has an unknown type '{suffix}'; use .txt, .jsonl or .csv")
+    if suffix in JSONL_SUFFIXES:
+        return [str(rec[text_field]) for rec in _read_jsonl(path, text_field)]
+    if suffix in CSV_SUFFIXES:
+        return [row[text_field] for row in _read_csv(path, text_field)]
+    text = read_data_text(path)
+    return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def _read_jsonl(path: Path, required: str, *more: str, what: str = "data file") -> list[dict]:
+    text = read_data_text(path, what)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -93,14 +134,17 @@ def _read_jsonl(path: Path, required: str, *more: str) -> list[dict]:
     return records
 
 
-def _read_csv(path: Path, required: str, *more: str) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns = reader.fieldnames or []
-        for name in (required, *more):
-            if name not in columns:
-                raise CompressError(f"{path} has no column '{name}' (columns: {', '.join(columns) or 'none'})")
+def _read_csv(path: Path, required: str, *more: str, what: str = "data file") -> list[dict]:
+    text = read_data_text(path, what)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    columns = reader.fieldnames or []
+    for name in (required, *more):
+        if name not in columns:
+            raise CompressError(f"{path} has no column '{name}' (columns: {', '.join(columns) or 'none'})")
+    try:
         return list(reader)
+    except csv.Error as e:
+        raise CompressError(f"{path} is not valid CSV ({e})") from None
 
 
 @contextmanager
@@ -146,14 +190,13 @@ def _load_hf(spec: str, split: str, text_field: str) -> list[str]:
 def load_labeled(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
     """(texts, labels) of a labeled .csv / .tsv / .jsonl file; labels come back as strings."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CompressError(f"labeled file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in CSV_SUFFIXES:
-        rows = _read_csv(path, text_field, label_field)
+        rows = _read_csv(path, text_field, label_field, what="labeled file")
     elif suffix in JSONL_SUFFIXES:
-        rows = _read_jsonl(path, text_field, label_field)
+        rows = _read_jsonl(path, text_field, label_field, what="labeled file")
     else:
+        check_data_file(path, "labeled file")  # a missing file or a pipe is the first thing to say
         raise CompressError(f"labeled file {path} must be .csv, .tsv or .jsonl")
     if not rows:
         raise CompressError(f"labeled file {path} has no rows")

@@ -420,6 +420,9 @@ def distill(teacher: nn.Module | LoadedModel | None, student: nn.Module | Derive
 
             if not Path(output_dir).is_dir() or get_last_checkpoint(str(output_dir)) is None:
                 raise CompressError(f"there is no checkpoint to resume from in {output_dir}")
+            check_resumable(Path(get_last_checkpoint(str(output_dir))))
+        elif resume:
+            check_resumable(Path(resume))
         output = trainer.train(resume_from_checkpoint=resume or None)
         metrics = dict(output.metrics)
         for entry in trainer.state.log_history:
@@ -430,6 +433,32 @@ def distill(teacher: nn.Module | LoadedModel | None, student: nn.Module | Derive
     trainer.accelerator.wait_for_everyone()
     return DistillResult(student=trainer.accelerator.unwrap_model(trainer.model).student, trainer=trainer,
                          metrics=metrics, layer_map=layer_map)
+
+
+def check_resumable(checkpoint: Path) -> None:
+    """Unpickle a checkpoint's optimizer, scheduler and RNG states as the Trainer will (weights_only,
+    numpy allowed), so a file that holds other objects, or is damaged, is one sentence before training
+    starts instead of torch's advice on trusting it. Tensors are memory-mapped, not read."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            with safe_globals():
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001  (UnpicklingError for objects other than tensors; several types for damage)
+            unsafe = "weights_only" in str(e) or "global" in str(e)
+            wanted = "it holds objects other than tensors" if unsafe else type(e).__name__
+        else:
+            what, keys = next((v for name, v in _STATE_KEYS.items() if path.name.startswith(name)), ("a training state", ()))
+            wanted = None if isinstance(state, dict) and all(k in state for k in keys) else f"it is not {what}"
+        if wanted:
+            raise CompressError(f"checkpoint file {path} cannot be trusted or read ({wanted}); resume from another "
+                                "checkpoint or start again without --resume")
+
+
+# what Trainer reads from each pickled state when it resumes
+_STATE_KEYS = {"optimizer": ("an optimizer state", ("state", "param_groups")),
+               "rng_state": ("an RNG state", ("python", "numpy", "cpu")), "scheduler": ("a scheduler state", ())}
 
 
 def write_run_info(path: Path, info: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..config import check_numbers
 from ..errors import CompressError
 from ..models import LoadedModel
 
@@ -54,6 +55,7 @@ class RetrainOptions:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        check_numbers(self)
         if not self.data:
             raise CompressError("retraining needs training data: pass --data SRC (builtin, a text file, or hf:NAME)")
         if self.steps < 1:
@@ -62,6 +64,10 @@ class RetrainOptions:
             raise CompressError(f"--lr must be positive, got {self.learning_rate}")
         if self.batch_size < 1:
             raise CompressError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.temperature > 0:
+            raise CompressError(f"the distillation temperature must be greater than 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise CompressError(f"the distillation weight alpha must be in [0, 1], got {self.alpha}")
 
 
 def masks_from_zeros(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

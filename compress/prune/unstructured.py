@@ -113,6 +113,7 @@ class PruneConfig(JSONConfig):
     calibrated: ClassVar[tuple[str, ...]] = ("wanda", "sparsegpt")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise CompressError(f"unknown pruning method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.scope not in SCOPES:

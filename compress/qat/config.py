@@ -49,6 +49,7 @@ class QATConfig(JSONConfig):
     freeze_at: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise CompressError(f"--method {self.method} is not a QAT method; choose int or nf4")
         if self.method == "int":

@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -66,6 +67,8 @@ class LoraRecoveryConfig(JSONConfig):
         text_field: column / field holding the text in .jsonl / .csv data files.
     """
 
+    FLAGS: ClassVar[dict[str, str]] = {"alpha": "--lora-alpha", "dropout": "--lora-dropout", "kd_weight": "--kd-weight"}
+
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -86,6 +89,7 @@ class LoraRecoveryConfig(JSONConfig):
     text_field: str = "text"
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.rank, int) or self.rank < 1:
             raise CompressError(f"--lora-rank must be a positive integer, got {self.rank}")
         if not self.alpha > 0:
