@@ -419,3 +419,15 @@ def output_path_examples(draw) -> Example:
     succeed = not side and (kind in ("new", "nested") or kind == "previous" and overwrite)
     return Example(arch, PATH_COMMANDS[name], out=kind, overwrite=overwrite, check=PATH_CHECK.get(name, "model"),
                    suffix=".gguf" if name == "gguf" else "", side=side, must_refuse=refuse, must_succeed=succeed)
+
+
+# inputs that failed once, run before the drawn ones on every run
+PINNED_DAMAGED = [
+    Example("llama", COMMANDS["rtn"][0], (("config", ("set", {"num_hidden_layers": 2**40})),), out="new", check="model"),
+    Example("bert", COMMANDS["rtn"][0], (("config", ("set", {"hidden_act": ""})),), out="new", check="model"),
+    Example("llama", COMMANDS["gguf"][0], (("checkpoint", ("garbage", 0)),), out="new", check="gguf", suffix=".gguf"),
+]
+PINNED_FLAGS = [  # the closing table's data is read only after the output was written
+    Example("llama", [a for a in COMMANDS["rtn"][0] if a != "--no-eval"] + QUICK + ["--eval-data", "/dev/zero"],
+            out="new", check="model"),
+]

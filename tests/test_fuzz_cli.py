@@ -45,6 +45,8 @@ import pytest
 import tiny
 from cli_fuzz import (
     NO_EVAL,
+    PINNED_DAMAGED,
+    PINNED_FLAGS,
     SIDE_TARGETS,
     Example,
     damage_checkpoint,
@@ -55,7 +57,7 @@ from cli_fuzz import (
     output_path_examples,
     write_data_files,
 )
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 
 HANG_S = 30
 MEMORY_HEADROOM = 4 * 1024**3
@@ -352,6 +354,15 @@ def fuzz_root(tmp_path_factory) -> tuple[Path, Path]:
     return tmp_path_factory.mktemp("fuzz"), tmp_path_factory.getbasetemp()
 
 
+def pinned(examples: list[Example]):
+    """Run ``examples`` first, then the drawn ones (hypothesis's @example, once per item)."""
+    def decorate(test):
+        for ex in reversed(examples):
+            test = example(ex=ex)(test)
+        return test
+    return decorate
+
+
 def run_once(ex: Example, seen: set, models, fuzz_root) -> None:
     """Check ``ex`` unless an identical example ran already (generation repeats some)."""
     key = repr(ex)
@@ -368,12 +379,14 @@ def seen() -> set:
 
 
 @fuzz_settings(150)
+@pinned(PINNED_DAMAGED)
 @given(ex=damaged_model_examples())
 def test_damaged_model_folders_are_refused_cleanly(ex, seen, models, fuzz_root):
     run_once(ex, seen, models, fuzz_root)
 
 
 @fuzz_settings(90)
+@pinned(PINNED_FLAGS)
 @given(ex=flag_examples())
 def test_flag_combinations_succeed_or_are_refused_cleanly(ex, seen, models, fuzz_root):
     run_once(ex, seen, models, fuzz_root)
