@@ -455,6 +455,6 @@ def release_outside(model: nn.Module, prefix: str) -> None:
 
 def default_offload_dir() -> str | None:
     """Where activations go with --offload: $COMPRESS_OFFLOAD_DIR, else the system temporary folder (checked)."""
-    from .files import offload_folder
+    from .outputs import offload_folder
 
     return str(offload_folder())

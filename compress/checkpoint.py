@@ -1,12 +1,12 @@
-"""Checkpoint files: read tensors lazily, write sharded safetensors, and publish output folders atomically.
+"""Checkpoint files: read tensors lazily and write sharded safetensors.
 
 - :class:`CheckpointReader` opens a model folder's weights (model.safetensors, sharded safetensors with
   an index, or pytorch_model*.bin) and hands out one tensor at a time, so a caller can stream a model
   larger than memory.
 - :class:`ShardWriter` writes tensors into shards of bounded size and the index file transformers
   expects when there is more than one.
-- :func:`atomic_output` builds an output in a temporary sibling folder and renames it into place, so
-  an interrupted or failed run leaves either nothing or a complete result.
+
+Output folders are published by :func:`compress.outputs.atomic_output`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .errors import CompressError
 from .files import (  # noqa: F401  (re-exported)
     INDEX_NAMES,
     WEIGHT_SUFFIXES,
-    atomic_output,
     copy_side_files,
     is_weight_file,
     safetensors_header,

@@ -71,9 +71,17 @@ def eval_config(args):
 
 
 def check_eval_args(args) -> None:
-    """Validate the evaluation flags and every output path (check_outputs) before any long work starts."""
+    """Validate the evaluation flags, read the evaluation files, and check every output path (check_outputs)
+    before any long work starts: an output is written before its closing table, so a bad --eval-data
+    found only then would leave it behind a failed run."""
     if not getattr(args, "no_eval", False):
-        eval_config(args)
+        from .data import load_labeled, load_texts
+
+        config = eval_config(args)
+        if config.data != "builtin":
+            load_texts(config.data, "heldout", config.text_field)
+        if config.labeled:
+            load_labeled(config.labeled, config.text_field, config.label_field)
     check_outputs(args)
 
 
@@ -102,11 +110,11 @@ def input_paths(args) -> list[str]:
 
 def check_outputs(args, *, out_is_file: bool = False, out_suffixes: tuple[str, ...] = (),
                   overwrite: bool | None = None, replaces: str | None = None) -> None:
-    """Refuse --out, --checkpoints, --json and --plot paths compress must not write, up front (files.check_output).
+    """Refuse --out, --checkpoints, --json and --plot paths compress must not write, up front (outputs.check_output).
 
     ``overwrite`` defaults to --overwrite; ``replaces`` limits what --out may replace to one command's outputs.
     """
-    from .files import PLOT_SUFFIXES, check_checkpoints, check_output
+    from .outputs import PLOT_SUFFIXES, check_checkpoints, check_output
 
     inputs = input_paths(args)
     overwrite = getattr(args, "overwrite", False) if overwrite is None else overwrite
@@ -129,7 +137,7 @@ def run_eval(models: list, args, out_dir: Path | None = None) -> None:
     another compress output.
     """
     from .eval.harness import compare
-    from .files import atomic_output
+    from .outputs import atomic_output
 
     inputs = [str(m) for m in models if m is not None] + input_paths(args)
     report = compare(models, eval_config(args), trust_remote_code=args.trust_remote_code)

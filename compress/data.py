@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import CompressError
+from .files import read_bounded
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -87,7 +88,7 @@ def read_data_text(path: Path, what: str = "data file") -> str:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_DATA_BYTES + 1)
+            data = read_bounded(f, MAX_DATA_BYTES)
     except OSError as e:
         raise CompressError(f"{what} {path} cannot be read ({e.strerror})") from None
     if len(data) > MAX_DATA_BYTES:

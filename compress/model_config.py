@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompressError
+from .files import read_bounded
 
 # sizes the project reads (GPT-2's and OPT's names too): positive integers when present
 SIZES = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
@@ -40,6 +41,13 @@ SECTIONS = ("quantization_config", "sparsity_config", "rope_scaling", "rope_para
 # the fields that fix a checkpoint's tensor shapes: two folders of one model agree on all of them
 SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "head_dim", "tie_word_embeddings")
+# names of functions and variants: non-empty strings when present
+NAMES = ("hidden_act", "hidden_activation", "activation_function", "position_embedding_type")
+# far beyond any published model (the deepest have about 128 layers), yet small enough that building the
+# skeleton, one module per layer, stays quick; sizes beyond 32-bit indexing are no model either
+MAX_LAYERS = 4096
+MAX_SIZE = 2**31 - 1
+LAYER_COUNTS = ("num_hidden_layers", "n_layer")
 MAX_JSON_BYTES = 256 * 1024**2  # config.json and tokenizer files; a larger one is not what it claims to be
 
 
@@ -55,7 +63,10 @@ def read_json_file(path: Path, what: str) -> Any:
         raise CompressError(f"{what} {path} is {info.st_size / 1e6:.0f} MB, too large to be a JSON {what}")
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read(MAX_JSON_BYTES + 1).decode("utf-8"))
+            data = read_bounded(f, MAX_JSON_BYTES)
+        if len(data) > MAX_JSON_BYTES:
+            raise CompressError(f"{what} {path} grew past {MAX_JSON_BYTES // 1024**2} MB while it was read")
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise CompressError(f"{what} {path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
@@ -97,6 +108,12 @@ def check_config(config: Any, where: str | Path = "config.json") -> None:
             continue
         if not _positive_int(config[key]):
             raise CompressError(f"{where}: {key} must be a positive integer, not {config[key]!r}")
+        limit = MAX_LAYERS if key in LAYER_COUNTS else MAX_SIZE
+        if config[key] > limit:
+            raise CompressError(f"{where}: {key} {config[key]} is larger than any model has (at most {limit})")
+    for key in NAMES:
+        if key in config and not (isinstance(config[key], str) and config[key].strip()):
+            raise CompressError(f"{where}: {key} must name a function or variant, not {config[key]!r}")
     for key in POSITIVE_NUMBERS:
         if key in config and not (_number(config[key]) and config[key] > 0):
             raise CompressError(f"{where}: {key} must be a positive finite number, not {config[key]!r}")

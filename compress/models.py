@@ -490,6 +490,9 @@ def build_skeleton(config, kind: str, trust_remote_code: bool = False, dtype: to
     try:
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(config, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype else {}))
+    except KeyError as e:  # a name (activation, attention variant) transformers does not know
+        raise CompressError(f"transformers cannot build a {kind} model from this config: it names {e.args[0]!r}, "
+                            "which transformers does not know") from None
     except (ValueError, TypeError, RuntimeError, AssertionError) as e:  # config values transformers could not build from
         raise CompressError(f"transformers cannot build a {kind} model from this config: {_first_line(e)}") from None
     return model

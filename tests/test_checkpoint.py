@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compress.checkpoint import CheckpointReader, ShardWriter, atomic_output
+from compress.checkpoint import CheckpointReader, ShardWriter
+from compress.outputs import atomic_output
 from compress.errors import CompressError
 
 

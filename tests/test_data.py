@@ -143,3 +143,13 @@ def test_saved_dataset_folder(tmp_path):
     assert load_texts(f"hf:{tmp_path / 'ds'}", text_field="body") == ["a b c", "d e f"]
     with pytest.raises(CompressError, match="no column 'text'"):
         load_texts(f"hf:{tmp_path / 'ds'}")
+
+
+def test_read_bounded_reads_in_chunks_up_to_one_byte_past_the_cap():
+    import io
+
+    from compress.files import read_bounded
+
+    assert read_bounded(io.BytesIO(b"x" * 100), 10, chunk=3) == b"x" * 11  # one byte more: too large
+    assert read_bounded(io.BytesIO(b"x" * 5), 10, chunk=3) == b"x" * 5
+    assert read_bounded(io.BytesIO(b""), 10) == b""

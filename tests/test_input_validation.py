@@ -108,6 +108,10 @@ BAD_CONFIGS = {
     "key/value heads not dividing the heads": (_set(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
     "no layers": (_set(num_hidden_layers=0), "num_hidden_layers must be a positive integer, not 0"),
     "negative layers": (_set(num_hidden_layers=-2), "num_hidden_layers must be a positive integer, not -2"),
+    "a layer count no model has": (_set(num_hidden_layers=2**40), "num_hidden_layers 1099511627776 is larger than any"),
+    "a size beyond 32-bit indexing": (_set(intermediate_size=2**62), "intermediate_size 4611686018427387904 is larger"),
+    "an empty activation name": (_set(hidden_act=""), "hidden_act must name a function or variant, not ''"),
+    "an unknown activation": (_set(hidden_act="no_such_function"), "no_such_function"),
     "a negative size": (_set(intermediate_size=-5), "intermediate_size must be a positive integer, not -5"),
     "an empty vocabulary": (_set(vocab_size=0), "vocab_size must be a positive integer, not 0"),
     "a NaN epsilon": (_set(rms_norm_eps=float("nan")), "rms_norm_eps must be a positive finite number"),
@@ -306,6 +310,11 @@ def test_data_files_must_be_regular_files(tiny_model, tmp_path, fifos, capsys, m
         ([*gptq, "--calib", tmp_path / "corpus"], "is a folder"),
         (["prune", "--model", llama, "--method", "wanda", "--calib", fifo, "--out", out, *NO_EVAL], "is not a regular file"),
         (["eval", "--model", llama, "--eval-data", fifo, *QUICK], "is not a regular file"),
+        # evaluation files are read before the output is written, not at the closing table after it
+        (["quantize", "--method", "rtn", "--model", llama, "--out", out, "--eval-data", "/dev/zero", *QUICK],
+         "/dev/zero is not a regular file"),
+        (["quantize", "--method", "rtn", "--model", classifier, "--out", out, "--labeled", tmp_path / "corpus", *QUICK],
+         "labeled file", "is a folder"),
         (["eval", "--model", classifier, "--labeled", labeled_fifo, *QUICK], "labeled file", "is not a regular file"),
         (["distill", "--model", llama, "--data", fifo, "--out", out, *TRAIN], "is not a regular file"),
         (["distill", "--model", classifier, "--data", labeled_fifo, "--out", out, *TRAIN], "is not a regular file"),
@@ -330,8 +339,8 @@ def test_data_files_must_be_regular_files(tiny_model, tmp_path, fifos, capsys, m
 
 @pytest.fixture(scope="module")
 def wide_models(tmp_path_factory):
-    """Two Llamas whose rows split into groups of 32, differing in their feed-forward width, and a GPTQ
-    checkpoint of each (round-to-nearest writes the GPTQ layout)."""
+    """Llamas whose rows split into groups of 32: a, b differing in their feed-forward width, c of a's shapes
+    with other weights, and a GPTQ checkpoint of each (round-to-nearest writes the GPTQ layout)."""
     import tiny
     import transformers
 
@@ -339,12 +348,12 @@ def wide_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("wide")
     tokenizer = tiny.train_bpe(root / "tokenizer")
-    for name, width in (("a", 192), ("b", 256)):
+    for name, width, seed in (("a", 192, 0), ("b", 256, 0), ("c", 192, 1)):
         tokenizer.save_pretrained(str(root / name))
         config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=width,
                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                           max_position_embeddings=64, tie_word_embeddings=False)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         transformers.LlamaForCausalLM(config).save_pretrained(str(root / name))
         compress.quantize(root / name, root / f"{name}-gptq", RTNConfig(bits=4, group_size=32), device="cpu",
                           progress=False)
@@ -358,7 +367,8 @@ def test_from_gptq_refuses_another_models_checkpoint(wide_models, tmp_path, caps
     shutil.copy(wide_models / "a-gptq" / "config.json", lying / "config.json")
     before = hash_tree(a)
     for gptq, fragment in ((wide_models / "b-gptq", "its config has intermediate_size 256 instead of 192"),
-                           (lying, "but a 128 x 192 layer needs")):
+                           (lying, "but a 128 x 192 layer needs"),
+                           (wide_models / "c-gptq", "has a cosine of")):  # same shapes, other weights
         argv = ["export", "gguf", "--model", a, "--from-gptq", gptq, "--type", "q4_0", "--out", tmp_path / "m.gguf"]
         assert_refused(invoke(capsys, argv), "does not belong to this model" if gptq == lying else "was not made from a",
                        fragment)

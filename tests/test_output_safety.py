@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from compress.errors import CompressError
-from compress.files import (OUTPUT_MARKER, atomic_output, check_output, checkpoints_in, remove_checkpoints,
-                            remove_stale_temporaries, written_by_compress)
+from compress.outputs import (OUTPUT_MARKER, atomic_output, check_output, checkpoints_in, remove_checkpoints,
+                              remove_stale_temporaries, written_by_compress)
 from test_cli import assert_clean_error
 
 RTN = ["quantize", "--method", "rtn", "--no-eval", "--device", "cpu"]

@@ -107,7 +107,8 @@ def run(args) -> None:
 def run_structured(args, config, options) -> Path:
     """Remove heads and FFN neurons (compress.prune.structured), retrain without masks, save; then the
     unstructured part, if asked for, on the smaller model."""
-    from ..files import atomic_output, check_output, copy_side_files, scratch_folder
+    from ..files import copy_side_files
+    from ..outputs import atomic_output, check_output, scratch_folder
     from ..models import load, resolve_model_path
     from ..prune.structured import parse_structured, prune_structured
 

@@ -89,7 +89,7 @@ def _baseline(source: Path, folder: Path, qat, device: str):
 
 def run_lora(args, qat) -> None:
     """--lora: adapters on a frozen quantized base, then the table (float, base, base with adapters or merged)."""
-    from ..files import check_output
+    from ..outputs import check_output
     from ..models import read_config_dict, resolve_model_path
     from ..qat.lora import LoraRecoveryConfig, recover_model
 
@@ -152,7 +152,7 @@ def run(args) -> None:
         return
     if args.labeled is None and report.eval_file is not None:
         args.labeled = str(report.eval_file)
-    from ..files import scratch_folder
+    from ..outputs import scratch_folder
 
     with scratch_folder(report.output) as tmp:
         ptq = tmp / f"{report.output.name}-ptq-{'nf4' if qat.method == 'nf4' else 'rtn'}"

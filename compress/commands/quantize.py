@@ -116,7 +116,7 @@ def run(args) -> None:
     config = build_config(args)
     check_eval_args(args)
     if getattr(config, "offload", False):
-        from ..files import offload_folder
+        from ..outputs import offload_folder
 
         offload_folder()  # a bad COMPRESS_OFFLOAD_DIR is found before calibration starts
     report = quantize(args.model, args.out, config, device=args.device, overwrite=args.overwrite,

@@ -24,7 +24,7 @@ import torch
 from .. import __version__
 from ..config import DistillConfig, FinetuneConfig, StudentConfig
 from ..errors import CompressError
-from ..files import checkpoints_in, remove_checkpoints
+from ..outputs import checkpoints_in, remove_checkpoints
 from ..models import DEFAULT_MODEL_NAME, default_model_path, detect_kind, load, read_config_dict, resolve_model_path
 from .data import TaskData, check_classes, classification_data, embedding_data, lm_data, read_labeled
 
@@ -73,8 +73,8 @@ def _library_bars(progress: bool) -> None:
 
 
 def _prepare_paths(out, checkpoints, overwrite: bool, resume: bool, inputs=()) -> tuple[Path, Path]:
-    """The output and checkpoint folders, checked (compress.files) before anything is loaded."""
-    from ..files import check_checkpoints, check_output
+    """The output and checkpoint folders, checked (compress.outputs) before anything is loaded."""
+    from ..outputs import check_checkpoints, check_output
 
     if out is None:
         raise CompressError("--out is required: the folder the trained model is written to")
@@ -115,7 +115,7 @@ def _st_side_files(src: Path, dst: Path) -> None:
 def _publish(result, ckdir: Path, out: Path, overwrite: bool, side_files_from: Path | None, info: dict,
              info_name: str, inputs=(), command: str = "distill") -> None:
     """Save the trained student into ``out`` (every process takes part in gathering; the main one writes)."""
-    from ..files import atomic_output
+    from ..outputs import atomic_output
     from .trainer import write_run_info
 
     staging = ckdir / "final"

@@ -115,7 +115,7 @@ class Report:
 
     def write_json(self, path: str | Path) -> None:
         """The results as JSON, with compress's output marker (so a later --json may replace the file)."""
-        from ..files import REPORT_KEY, output_marker
+        from ..outputs import REPORT_KEY, output_marker
 
         data = {**self.to_dict(), REPORT_KEY: output_marker("eval")}
         Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -144,7 +144,7 @@ class Report:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         from .. import __version__
-        from ..files import PLOT_MARK
+        from ..outputs import PLOT_MARK
 
         fig.savefig(path, dpi=120, metadata={"Creator": f"{PLOT_MARK} {__version__}"})
         plt.close(fig)

@@ -187,7 +187,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     """
     import gguf
 
-    from ..files import GGUF_MARKER_KEY, atomic_output, check_output, output_marker
+    from ..outputs import GGUF_MARKER_KEY, atomic_output, check_output, output_marker
     from .arch import detect
     from .source import open_tensors
     from .tokenizer import read_vocab

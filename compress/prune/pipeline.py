@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, check_finite, copy_side_files
+from ..outputs import atomic_output
 from ..models import (DEFAULT_MODEL_NAME, plan_block_linears, is_conv1d,
                       linear_shape, read_config_dict, resolve_device, resolve_model_path)
 from . import sparse_format

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output
-from ..files import check_output, scratch_folder
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter
+from ..outputs import atomic_output, check_output, scratch_folder
 from ..errors import CompressError
 from ..models import LoadedModel, checkpoint_key_map, load, resolve_model_path
 from . import sparse_format

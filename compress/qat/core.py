@@ -192,7 +192,8 @@ def convert(model: nn.Module, out: str | Path, *, source: str | Path | None = No
     otherwise ``tokenizer`` is saved; ``info`` is written as qat_config.json. The model is not changed.
     """
     from ..checkpoint import ShardWriter
-    from ..files import atomic_output, copy_side_files
+    from ..files import copy_side_files
+    from ..outputs import atomic_output
 
     config = _config_of(model)  # activation fake-quant is not stored: the formats hold weights only
     tensors = packed_tensors(model)

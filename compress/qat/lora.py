@@ -391,7 +391,7 @@ def recover_model(quantized_dir: str | Path, out_dir: str | Path, config: LoraRe
             the reverse), an existing output without overwrite.
     """
     from ..distill.trainer import distill
-    from ..files import atomic_output, check_output, scratch_folder
+    from ..outputs import atomic_output, check_output, scratch_folder
     from ..models import load
 
     start = time.perf_counter()

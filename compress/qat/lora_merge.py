@@ -26,7 +26,8 @@ from torch import nn
 
 from ..config import GPTQConfig, NF4Config, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
-from ..files import atomic_output, check_output, copy_side_files, scratch_folder
+from ..files import copy_side_files
+from ..outputs import atomic_output, check_output, scratch_folder
 from ..models import (
     LoadedModel,
     build_skeleton,

@@ -19,7 +19,7 @@ import torch
 from .. import __version__
 from ..config import DistillConfig
 from ..errors import CompressError
-from ..files import checkpoints_in, remove_checkpoints
+from ..outputs import checkpoints_in, remove_checkpoints
 from ..models import detect_kind, load, read_config_dict, resolve_model_path
 from .config import QATConfig
 
@@ -80,7 +80,7 @@ def qat_model(model_path, out, config: QATConfig, *, train: DistillConfig | None
         transfer: classifiers, with ``distill``: unlabeled texts (demo, or any text source) that only the
             distillation term learns from, as a transfer set.
         checkpoints: the checkpoint folder (default ``<out>.checkpoints``), removed after a successful
-            run unless ``keep_checkpoints`` (only what compress wrote there; see compress.files).
+            run unless ``keep_checkpoints`` (only what compress wrote there; see compress.outputs).
     """
     from ..distill.pipeline import _library_bars, _prepare_paths, _task_data
     from ..distill.trainer import distill as run_training

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, check_finite, copy_side_files
+from ..outputs import atomic_output
 from ..config import GPTQConfig, RTNConfig, WeightQuantConfig
 from ..errors import CompressError
 from ..models import (DEFAULT_MODEL_NAME, plan_block_linears, default_model_path,

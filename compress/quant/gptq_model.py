@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ..calibrate import Runner, default_offload_dir
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, check_finite
+from ..outputs import atomic_output
 from ..config import GPTQConfig
 from ..data import calibration
 from ..errors import CompressError

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, atomic_output, check_finite, copy_side_files
+from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, check_finite, copy_side_files
+from ..outputs import atomic_output
 from ..config import NF4Config
 from ..models import DEFAULT_MODEL_NAME, default_model_path, linear_types, read_config_dict, resolve_device, resolve_model_path
 from .apply import LayerReport, QuantizeReport, cast_floating, output_dtype, plan_targets
