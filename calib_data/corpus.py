@@ -22,6 +22,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from ..errors import CompressError
+
 BUILDER_VERSION = 1
 HELDOUT_PERCENT = 10
 PACKAGES = ("torch", "numpy")
@@ -36,6 +38,37 @@ def cache_dir() -> Path:
         return Path(os.environ["COMPRESS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "compress"
+
+
+def write_cached(path: Path, write) -> None:
+    """Create ``path`` in the cache through a temporary sibling: ``write(tmp)`` fills it, a rename publishes it.
+
+    A cache folder that cannot be made or written (COMPRESS_CACHE naming a file, a read-only folder) is
+    one CompressError sentence; an interrupted write leaves no temporary behind.
+    """
+    make_cache_folder(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _cache_error(path.parent, e) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def make_cache_folder(folder: Path) -> None:
+    """Create a cache folder, or say in one sentence why it cannot be (before any slow build starts)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(folder, e) from None
+
+
+def _cache_error(folder: Path, e: OSError) -> CompressError:
+    return CompressError(f"cannot write compress's data cache {folder} ({e.strerror or e}); point COMPRESS_CACHE "
+                         "at a writable folder")
 
 
 def sources() -> list[tuple[str, Path]]:
@@ -123,13 +156,15 @@ def ensure_corpus() -> Path:
     path = corpus_path()
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(path.parent)
     records = build_records()
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    write_cached(path, write)
     return path
 
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
-from .corpus import cache_dir, corpus_key, ensure_corpus
+from .corpus import cache_dir, corpus_key, ensure_corpus, write_cached
 
 BUILDER_VERSION = 2
 HELDOUT_FRACTION = 0.25
@@ -110,15 +109,15 @@ def ensure_demo_task() -> dict[str, Path]:
     with open(ensure_corpus(), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     examples = build_examples(records)
-    folder.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            fields = ["text"] if split == "unlabeled" else ["text", "label"]
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(examples[split])
-        os.replace(tmp, path)
+        def write(tmp: Path, split=split) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                fields = ["text"] if split == "unlabeled" else ["text", "label"]
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(examples[split])
+
+        write_cached(path, write)
     return paths
 
 

@@ -184,6 +184,9 @@ def test_bad_report_and_output_paths_are_found_before_anything_is_written(model,
     monkeypatch.setenv("COMPRESS_OFFLOAD_DIR", str(blocker))
     assert_clean_error(cli(capsys, "quantize", "--model", model, "--out", q, "--offload", "--no-eval"),
                        "COMPRESS_OFFLOAD_DIR")
+    monkeypatch.setenv("COMPRESS_CACHE", str(blocker / "cache"))  # the built-in corpus is cached under a file
+    assert_clean_error(cli(capsys, "quantize", "--model", model, "--out", q, "--nsamples", "2", "--seqlen", "16",
+                           "--no-eval"), "cannot write compress's data cache", "COMPRESS_CACHE")
     assert not q.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "work"]
 
 
