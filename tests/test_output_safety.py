@@ -347,14 +347,16 @@ def _start_gptq(model: Path, out: Path) -> subprocess.Popen:
     return proc
 
 
-def test_sigterm_cleans_up_and_sigkill_is_cleaned_by_the_rerun(model, tmp_path, capsys):
+def test_sigint_and_sigterm_clean_up_and_sigkill_is_cleaned_by_the_rerun(model, tmp_path, capsys):
     out = tmp_path / "q"
-    proc = _start_gptq(model, out)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert err.strip().splitlines() == ["terminated; no partial output was left"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    for sig, code, line in ((signal.SIGINT, 130, "interrupted; no partial output was left"),
+                            (signal.SIGTERM, 143, "terminated; no partial output was left")):
+        proc = _start_gptq(model, out)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err
+        assert err.strip().splitlines() == [line]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
     proc = _start_gptq(model, out)
     proc.kill()
