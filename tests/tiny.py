@@ -52,8 +52,8 @@ def train_wordpiece(path: Path):
 
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     # the vocabulary is chosen here, not by tokenizers' WordPieceTrainer, whose choice among tied counts
-    # differs from process to process: specials, every character alone and as a continuation, then the
-    # most frequent words (ties alphabetical), so every run builds the same tiny BERT
+    # differs from process to process: specials, every character alone and as a continuation, the most
+    # frequent words, then two-letter continuations (ties alphabetical), so every run builds the same BERT
     counts: dict[str, int] = {}
     for text in _TEXT:
         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
@@ -61,6 +61,11 @@ def train_wordpiece(path: Path):
     chars = sorted({c for word in counts for c in word})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
     vocab += [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][: VOCAB - len(vocab)]
+    pieces: dict[str, int] = {}  # then the most frequent two-letter continuations, as a trained vocabulary has
+    for word, n in counts.items():
+        for i in range(1, len(word) - 1):
+            pieces[f"##{word[i:i + 2]}"] = pieces.get(f"##{word[i:i + 2]}", 0) + n
+    vocab += [t for t, _ in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0]))][: max(0, VOCAB - len(vocab))]
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(
