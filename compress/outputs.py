@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 import uuid
 from pathlib import Path
@@ -72,7 +71,7 @@ def written_by_compress(path: str | Path, command: str | None = None) -> bool:
         if suffix in PLOT_SUFFIXES:
             with open(path, "rb") as f:
                 return PLOT_MARK.encode() in f.read(16 * 1024**2)
-    except (OSError, ValueError, RecursionError, struct.error):
+    except (OSError, ValueError, IndexError, KeyError, RecursionError):
         return False
     return False
 
@@ -81,46 +80,16 @@ def _ours(marker, command: str | None) -> bool:
     return isinstance(marker, dict) and marker.get("tool") == "compress" and command in (None, marker.get("command"))
 
 
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value type -> bytes
-
-
 def gguf_metadata_string(path: str | Path, key: str) -> str | None:
-    """The string value of ``key`` in a GGUF file's metadata, read from its header (None when absent)."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF" or struct.unpack("<I", f.read(4))[0] < 2:
-            return None
-        _, n_kv = struct.unpack("<QQ", f.read(16))
-        for _ in range(min(n_kv, 1 << 20)):
-            name = _gguf_string(f)
-            (vtype,) = struct.unpack("<I", f.read(4))
-            if vtype == 8 and name == key:
-                return _gguf_string(f)
-            _gguf_skip(f, vtype)
-    return None
-
-
-def _gguf_string(f) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > 1 << 24:
-        raise ValueError("not a GGUF string")
-    return f.read(n).decode("utf-8", errors="replace")
-
-
-def _gguf_skip(f, vtype: int) -> None:
-    if vtype in _GGUF_SIZES:
-        f.seek(_GGUF_SIZES[vtype], 1)
-    elif vtype == 8:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(n, 1)
-    elif vtype == 9:
-        etype, count = struct.unpack("<IQ", f.read(12))
-        if etype in _GGUF_SIZES:
-            f.seek(_GGUF_SIZES[etype] * count, 1)
-        else:
-            for _ in range(count):
-                _gguf_skip(f, etype)
-    else:
-        raise ValueError(f"unknown GGUF value type {vtype}")
+    """The string value of ``key`` in a GGUF file's metadata (None when absent, or when the gguf package,
+    which every GGUF compress writes needs, is not installed)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    field = GGUFReader(path).get_field(key)
+    value = field.contents() if field is not None else None
+    return value if isinstance(value, str) else None
 
 
 def check_output(out: str | Path, *, inputs=(), overwrite: bool = False, is_file: bool = False,

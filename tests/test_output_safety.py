@@ -151,6 +151,18 @@ def test_gguf_and_reports_carry_the_marker(model, tmp_path, capsys):
     foreign = tmp_path / "other.gguf"
     foreign.write_bytes(b"GGUF" + bytes(60))
     assert_clean_error(cli(capsys, "export", "gguf", "--model", model, "--out", foreign, "--overwrite"), "not written by compress")
+    import gguf  # a well-formed GGUF that another tool wrote (no marker in its metadata) is not replaced either
+
+    theirs_gguf = tmp_path / "theirs.gguf"
+    writer = gguf.GGUFWriter(str(theirs_gguf), "llama")
+    writer.add_string("general.name", "someone else's")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert not written_by_compress(theirs_gguf)
+    assert_clean_error(cli(capsys, "export", "gguf", "--model", model, "--out", theirs_gguf, "--overwrite"),
+                       "not written by compress")
 
     report, plot = tmp_path / "r.json", tmp_path / "r.svg"
     for _ in range(2):  # a report compress wrote is replaced by the next one
