@@ -110,6 +110,15 @@ def test_bpe_pre_tokenizer_mapping():
         bpe_pre_type({"type": "Whitespace"})
 
 
+def test_digits_before_byte_level_is_smollm():
+    """Every digit alone, then GPT-2's regex (SmolLM2's tokenizer) is llama.cpp's smollm, not gpt-2."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    digits = {"type": "Digits", "individual_digits": True}
+    assert bpe_pre_type({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    with pytest.raises(CompressError, match="runs of digits"):
+        bpe_pre_type({"type": "Sequence", "pretokenizers": [{**digits, "individual_digits": False}, byte_level]})
+
+
 def test_bad_inputs_library(tiny_model, tmp_path):
     with pytest.raises(CompressError, match="unknown GGUF type 'q3_x'"):
         export_gguf(tiny_model("llama"), tmp_path / "a.gguf", "q3_x")

@@ -111,6 +111,19 @@ def test_tokenization_byte_level_bpe(tiny_model, tmp_path):
     check_tokenization(src, tmp_path / "m.gguf")
 
 
+def test_tokenization_digits_one_by_one(tiny_model, tmp_path):
+    """SmolLM's pre-tokenizer (each digit alone, then GPT-2's regex) is written as llama.cpp's smollm: ids
+    agree on numbers although the vocabulary holds digit merges that GPT-2's splitting alone would use."""
+    import shutil
+
+    src = tmp_path / "digits"
+    shutil.copytree(tiny_model("llama"), src)
+    tok = tiny.train_bpe(src, digits=True)
+    assert any(len(t.lstrip("\u0120")) > 1 and t.lstrip("\u0120").isdigit() for t in tok.get_vocab())
+    export_gguf(src, tmp_path / "m.gguf", "f16")
+    check_tokenization(src, tmp_path / "m.gguf", SAMPLES + ["In 2024 and 2025 we paid 3333, 1234567 and 42."])
+
+
 def test_tokenization_wordpiece_and_embeddings(minilm, tmp_path):
     """MiniLM: WordPiece ids identical, pooled embeddings close for float and quantized types."""
     bounds = {"f32": 0.9999, "f16": 0.9999, "q8_0": 0.999, "q4_k_m": 0.97, "q4_0": 0.95}

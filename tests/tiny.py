@@ -28,8 +28,12 @@ _TEXT = [
 ] * 40
 
 
-def train_bpe(path: Path):
-    """A byte-level BPE tokenizer (GPT-2 style) with VOCAB entries, saved to ``path``."""
+def train_bpe(path: Path, digits: bool = False):
+    """A byte-level BPE tokenizer (GPT-2 style) with VOCAB entries, saved to ``path``.
+
+    digits: learn merges of digit runs, then split every digit alone before GPT-2's regex, as SmolLM's
+    tokenizer does (the merges stay in the vocabulary, so a reader that ignores the split sees them).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +42,11 @@ def train_bpe(path: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_TEXT, trainer)
+    tok.train_from_iterator(_TEXT + (["In 2024 and 2025 we paid 3333 and 1234567 for 42 items."] * 40 if digits else []),
+                            trainer)
+    if digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(str(path))

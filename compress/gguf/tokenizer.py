@@ -154,10 +154,17 @@ def bpe_pre_type(pre_tokenizer: dict | None) -> str:
         described = ", ".join(s.get("type", "?") + (" with add_prefix_space" if s.get("add_prefix_space") else "") for s in steps)
         raise CompressError(f"the BPE pre-tokenizer ({described}) has no llama.cpp equivalent; supported: "
                             f"ByteLevel with GPT-2 splitting, or a GPT-2, Llama 3 or Qwen2 Split regex before ByteLevel")
+    digits = [s for s in steps if s.get("type") == "Digits"]
     if not splits:
-        if byte_level[0].get("use_regex", True):
+        if not byte_level[0].get("use_regex", True):
+            raise CompressError("the BPE pre-tokenizer is ByteLevel without a splitting regex, which llama.cpp does not implement")
+        if not digits:
             return "gpt-2"
-        raise CompressError("the BPE pre-tokenizer is ByteLevel without a splitting regex, which llama.cpp does not implement")
+        # every digit its own piece, then GPT-2's regex (SmolLM): llama.cpp's "smollm" runs exactly these two
+        if len(digits) == 1 and digits[0].get("individual_digits") and steps.index(digits[0]) < steps.index(byte_level[0]):
+            return "smollm"
+        raise CompressError("the BPE pre-tokenizer's Digits step keeps runs of digits together, which llama.cpp "
+                            "does not implement; supported: Digits with individual_digits before ByteLevel")
     if len(splits) != 1 or any(s.get("type") == "Digits" for s in steps):
         raise CompressError("the BPE pre-tokenizer combines several splitting steps, which llama.cpp does not implement")
     pattern = splits[0].get("pattern", {})
