@@ -175,6 +175,24 @@ def test_kquants_match_llama_quantize(wide_llama, wide_reference, tmp_path):
     assert abs((tmp_path / "ours.gguf").stat().st_size - (tmp_path / "theirs.gguf").stat().st_size) < 4096
 
 
+def test_special_tokens_in_text_and_chat(tiny_model, tmp_path):
+    """parse_special reads a special token written in the text as that token, as transformers does; chat
+    answers greedily and names the format it used (llama-2's fallback for a file without a template)."""
+    from transformers import AutoTokenizer
+
+    src = tiny_model("llama")
+    export_gguf(src, tmp_path / "m.gguf", "f16")
+    hf = AutoTokenizer.from_pretrained(str(src))
+    text = "<|endoftext|>numbers 3 33<|endoftext|>"
+    with verify.open_model(tmp_path / "m.gguf") as llm:
+        assert llm.tokenize(text, add_special=False, parse_special=True) == hf(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text, add_special=False)[0] != hf.eos_token_id
+        answer = llm.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
+        again = llm.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
+    assert answer["format"] == "llama-2" and "[INST]" in answer["prompt"]
+    assert isinstance(answer["text"], str) and answer == again
+
+
 def test_native_crash_fails_one_check(tiny_model, tmp_path):
     """llama.cpp dying of a signal ends its child process only: the waiting call raises one sentence."""
     from compress.errors import CompressError

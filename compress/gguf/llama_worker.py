@@ -7,7 +7,8 @@ runs this module instead and turns the child's death into one CompressError.
 The protocol is framed JSON, no pickle: each message is an 8-byte little-endian length and a JSON
 object; a reply that carries an array is followed by a second frame of its raw float32 bytes, whose
 shape the JSON gives. Requests: ``{"op": "open", "path", "embedding", "n_ctx", "threads"}``, then
-``tokenize`` (text, add_special), ``logits`` (ids), ``embed`` (texts), ``quantize`` (src, dst, ftype:
+``tokenize`` (text, add_special, parse_special), ``logits`` (ids), ``embed`` (texts), ``chat`` (messages,
+max_tokens: a greedy answer through llama-cpp-python's chat API), ``quantize`` (src, dst, ftype:
 llama.cpp's LLAMA_FTYPE_* name) and ``close``. Replies: ``{"ok": true, ...}`` or ``{"ok": false,
 "error": sentence}``.
 """
@@ -69,6 +70,27 @@ def _quantize(src: str, dst: str, ftype: str) -> None:
         raise ValueError(f"llama.cpp could not quantize {src} to {ftype}")
 
 
+def _chat(llm, messages: list[dict], max_tokens: int) -> dict:
+    """A greedy answer as llama-cpp-python's chat API gives it, with the chat format it chose and the prompt
+    that format renders (the GGUF's tokenizer.chat_template when the file has one, else llama-2's)."""
+    from llama_cpp import llama_chat_format
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if llm.chat_format == "chat_template.default" and template is not None:
+        eos, bos = llm.token_eos(), llm.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template, llm._model.token_get_text(eos) if eos != -1 else "",
+            llm._model.token_get_text(bos) if bos != -1 else "")
+        prompt = formatter(messages=messages).prompt
+    elif llm.chat_format == "llama-2":  # llama-cpp-python's fallback for a file without a template
+        prompt = llama_chat_format.format_llama2(messages=messages).prompt
+    else:
+        prompt = None
+    llm.reset()
+    answer = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+    return {"format": llm.chat_format, "prompt": prompt, "text": answer["choices"][0]["message"]["content"]}
+
+
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer requests until ``close`` or end of input; errors go back as sentences, not tracebacks."""
     llm = None
@@ -97,8 +119,11 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             elif llm is None:
                 send(replies, {"ok": False, "error": f"no model is open for {op}"})
             elif op == "tokenize":
-                ids = llm.tokenize(request["text"].encode("utf-8"), add_bos=request["add_special"], special=False)
+                ids = llm.tokenize(request["text"].encode("utf-8"), add_bos=request["add_special"],
+                                   special=bool(request.get("parse_special", False)))
                 send(replies, {"ok": True, "ids": list(ids)})
+            elif op == "chat":
+                send(replies, {"ok": True, **_chat(llm, request["messages"], int(request["max_tokens"]))})
             elif op == "logits":
                 ids = request["ids"]
                 llm.reset()

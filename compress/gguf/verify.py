@@ -30,9 +30,20 @@ class LlamaProcess:
         self._request({"op": "open", "path": self.path, "embedding": embedding, "n_ctx": n_ctx, "threads": threads},
                       f"loading {self.path}")
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """llama.cpp's token ids for ``text``; add_special adds bos/eos/sep as the model's metadata says."""
-        return self._request({"op": "tokenize", "text": text, "add_special": add_special}, "tokenizing")[0]["ids"]
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """llama.cpp's token ids for ``text``; add_special adds bos/eos/sep as the model's metadata says,
+        parse_special reads special tokens written in the text (``<|im_start|>``) as those tokens."""
+        return self._request({"op": "tokenize", "text": text, "add_special": add_special, "parse_special": parse_special},
+                             "tokenizing")[0]["ids"]
+
+    def chat(self, messages: list[dict], max_tokens: int = 32) -> dict:
+        """A greedy answer to ``messages`` (role/content dicts) through llama-cpp-python's chat API.
+
+        Returns format (the chat format it chose: "chat_template.default" for the file's own
+        tokenizer.chat_template, "llama-2" when the file has none), prompt (the text that format
+        renders) and text (the answer).
+        """
+        return self._request({"op": "chat", "messages": messages, "max_tokens": max_tokens}, "chatting")[0]
 
     def causal_logits(self, ids: list[int]) -> np.ndarray:
         """Logits float32 [len(ids), vocab] of a causal LM for the token ids, from a fresh context."""
