@@ -48,7 +48,8 @@ def add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output_
     if not many_models:
         g.add_argument("--no-eval", action="store_true", help="skip the evaluation table")
     g.add_argument("--eval-data", default="builtin", metavar="SRC",
-                   help="held-out text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
+                   help="held-out text: builtin, prose (GNU manuals; better for LLMs), a .txt/.jsonl/.csv file, "
+                        "or hf:NAME (default builtin)")
     g.add_argument("--labeled", metavar="FILE", help="labeled .csv/.jsonl for classifier accuracy")
     g.add_argument("--text-field", default="text", help="text column / field of data files (default text)")
     g.add_argument("--label-field", default="label", help="label column / field of --labeled (default label)")

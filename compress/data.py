@@ -4,6 +4,8 @@ Sources, as the CLI's ``--calib`` / ``--data`` flags take them:
 
 - ``builtin``: the built-in corpus (calib_data/corpus.py), train split for calibration and training,
   held-out split for evaluation.
+- ``prose``: English prose from the GNU info manuals installed on this machine (calib_data/prose.py),
+  split by manual the same way; closer to what language models are trained on than ``builtin``.
 - a file: ``.txt`` (documents separated by blank lines), ``.jsonl`` (one JSON object per line, the
   text in ``text_field``), ``.csv`` / ``.tsv`` (the text in the column ``text_field``).
 - ``hf:NAME[:CONFIG]``: a dataset already in the local Hugging Face cache (never downloaded), or
@@ -37,14 +39,19 @@ CSV_SUFFIXES = (".csv", ".tsv")
 MAX_DATA_BYTES = 2 * 1024**3
 
 
+# corpora built on this machine, each with a fixed train / held-out split
+CORPORA = ("builtin", "prose")
+
+
 def load_texts(source: str = "builtin", split: str = "train", text_field: str = "text") -> list[str]:
-    """Documents of ``source`` (see the module docstring); ``split`` applies to builtin and hf sources.
+    """Documents of ``source`` (see the module docstring); ``split`` applies to CORPORA and hf sources.
 
     Raises CompressError when the source is missing, unreadable or holds no text.
     """
-    if source == "builtin":
-        from .calib_data.corpus import load_corpus
+    if source in CORPORA:
+        from .calib_data import corpus, prose
 
+        load_corpus = corpus.load_corpus if source == "builtin" else prose.load_corpus
         texts = load_corpus("heldout" if split in ("heldout", "test", "validation") else "train")
     elif source.startswith("hf:"):
         texts = _load_hf(source[3:], split, text_field)

@@ -39,7 +39,7 @@ def add_training_flags(p, *, epochs_default: float, lr_default: float):
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of an interrupted run")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     d = p.add_argument_group("data")
-    d.add_argument("--data", metavar="SRC", help="training data: a labeled .csv/.jsonl, demo, builtin, a text file, or hf:NAME")
+    d.add_argument("--data", metavar="SRC", help="training data: a labeled .csv/.jsonl, demo, builtin, prose, a text file, or hf:NAME")
     return d
 
 

@@ -25,7 +25,7 @@ def register(sub) -> None:
                    help="a GPTQ checkpoint (4-bit, group size 32) of --model whose quantized weights are carried "
                         "into Q4_0/Q4_1 blocks instead of rounding again")
     g.add_argument("--imatrix", metavar="SRC",
-                   help="calibration text (builtin, a .txt/.jsonl/.csv file) whose activation statistics steer "
+                   help="calibration text (builtin, prose, a .txt/.jsonl/.csv file) whose activation statistics steer "
                         "the k-quant scales (an importance matrix)")
     g.add_argument("--nsamples", type=int, default=64, help="calibration samples for --imatrix (default 64)")
     g.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sample for --imatrix (default 256)")

@@ -34,7 +34,8 @@ def register(sub) -> None:
                    help="how --structured ranks heads and neurons (default weight)")
     c = p.add_argument_group("calibration (wanda, sparsegpt; activation and taylor importance)")
     c.add_argument("--calib", default="builtin", metavar="SRC",
-                   help="calibration text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
+                   help="calibration text: builtin, prose (GNU manuals; better for LLMs), a .txt/.jsonl/.csv file, "
+                        "or hf:NAME (default builtin)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     c.add_argument("--seqlen", type=int, default=None,
                    help="tokens per sample (default 2048 or the model's maximum, whichever is smaller)")
@@ -46,7 +47,7 @@ def register(sub) -> None:
                    help="oneshot (default); cubic: sparsity rises during training (magnitude); iterative: prune/retrain rounds")
     s.add_argument("--rounds", type=int, default=3, help="prune/retrain rounds of --schedule iterative (default 3)")
     s.add_argument("--retrain", action="store_true", help="train after pruning, pruned weights kept at zero")
-    s.add_argument("--data", metavar="SRC", help="training data: builtin, a text file, hf:NAME; a labeled file or demo for classifiers")
+    s.add_argument("--data", metavar="SRC", help="training data: builtin, prose, a text file, hf:NAME; a labeled file or demo for classifiers")
     s.add_argument("--distill", action="store_true", help="retrain by distillation from the unpruned model")
     s.add_argument("--steps", type=int, default=100, help="training steps in all (default 100)")
     s.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
@@ -80,7 +81,7 @@ def build_retrain(args):
             raise CompressError("--data and --distill take effect with --retrain; add --retrain")
         return None
     if not args.data:
-        raise CompressError("retraining needs training data: pass --data SRC (builtin, a text file, or hf:NAME)")
+        raise CompressError("retraining needs training data: pass --data SRC (builtin, prose, a text file, or hf:NAME)")
     return RetrainOptions(data=args.data, steps=args.steps, distill=args.distill, learning_rate=args.lr,
                           batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, labeled=args.labeled,
                           text_field=args.text_field, label_field=args.label_field)

@@ -30,7 +30,8 @@ def register(sub) -> None:
                    help="dtype of the tensors left unquantized (auto: float16, or bfloat16 for bfloat16 models)")
     g = q.add_argument_group("GPTQ (--method gptq)")
     g.add_argument("--calib", default="builtin", metavar="SRC",
-                   help="calibration text: builtin, a .txt/.jsonl/.csv file, or hf:NAME (default builtin)")
+                   help="calibration text: builtin, prose (GNU manuals; better for LLMs), a .txt/.jsonl/.csv file, "
+                        "or hf:NAME (default builtin)")
     g.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     g.add_argument("--seqlen", type=int, default=None,
                    help="tokens per sample (default 2048 or the model's maximum, whichever is smaller)")

@@ -6,7 +6,7 @@ Sources (``--data``):
   (the demo task of calib_data/demo_task.py: train.csv for training, test.csv held out), or
   ``hf:NAME[:CONFIG]`` / ``hf:/saved/folder`` for a Hugging Face dataset already on this machine (its
   train split; test or validation held out).
-- mlm, causal: any text source of compress.data (``builtin``, a .txt / .jsonl / .csv file, ``hf:...``),
+- mlm, causal: any text source of compress.data (``builtin``, ``prose``, a .txt / .jsonl / .csv file, ``hf:...``),
   cut into windows of exactly ``max_length`` tokens. The held-out split of the source gives the
   evaluation windows.
 - embed: the same text sources, as paragraphs of at least 8 words truncated to ``max_length`` tokens.
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import load_labeled, load_texts, paragraphs, token_stream, windows
+from ..data import CORPORA, load_labeled, load_texts, paragraphs, token_stream, windows
 from ..errors import CompressError
 from .losses import IGNORE_INDEX
 
@@ -255,7 +255,7 @@ def lm_data(task: str, tokenizer, source: str, max_length: int, mlm_probability:
         raise CompressError("the tokenizer has no mask token, so it cannot be used for the mlm task")
     train = _lm_windows(tokenizer, source, "train", max_length, text_field, max_samples)
     held = None
-    if source == "builtin" or source.startswith("hf:"):
+    if source in CORPORA or source.startswith("hf:"):
         held = _heldout_or_none(lambda: _lm_windows(tokenizer, source, "heldout", max_length, text_field, EVAL_LIMIT // 4))
     as_examples = lambda rows: ExampleDataset([{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows])  # noqa: E731
     collator = MLMCollator(tokenizer, mlm_probability) if task == "mlm" else CausalCollator()
@@ -298,7 +298,7 @@ def embedding_data(tokenizer, source: str, max_length: int, text_field: str = "t
         raise CompressError(f"data {source} has fewer than 2 paragraphs of 8 words or more; embedding distillation "
                             "compares the sentences of a batch with each other")
     held = None
-    if source == "builtin" or source.startswith("hf:"):
+    if source in CORPORA or source.startswith("hf:"):
         held = _heldout_or_none(lambda: paragraphs(load_texts(source, "heldout", text_field), min_words=8)[:EVAL_LIMIT])
 
     def encode(texts):
