@@ -86,6 +86,13 @@ def test_type_policy():
     assert choose_type("blk.1.attn_q.weight", (512, 512), "q5_k_m", 8, False) == "Q5_K"
     assert choose_type("token_embd.weight", (4096, 512), "q4_k_m", 8, True) == "Q6_K"
     assert choose_type("blk.0.attn_norm.weight", (512,), "q4_0", 8, False) == "F32"
+    # every quantized type keeps the output matrix (or the embedding tied to it) at 6 bits or more, as llama.cpp
+    assert choose_type("output.weight", (4096, 512), "q4_0", 8, False) == "Q6_K"
+    assert choose_type("token_embd.weight", (49152, 576), "q4_0", 30, True) == "Q6_K"
+    assert fit_to_rows("Q6_K", 576) == "Q8_0"
+    assert choose_type("token_embd.weight", (4096, 512), "q4_0", 8, False) == "Q4_0"
+    assert choose_type("output.weight", (4096, 512), "q8_0", 8, False) == "Q8_0"
+    assert choose_type("output.weight", (4096, 512), "f16", 8, False) == "F16"
     assert choose_type("position_embd.weight", (512, 384), "q8_0", 6, False) == "F32"
     # llama.cpp's fallbacks for rows that do not fill a block
     assert fit_to_rows("Q4_K", 384) == "Q5_0" and fit_to_rows("Q5_K", 384) == "Q5_1"

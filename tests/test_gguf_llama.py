@@ -193,6 +193,36 @@ def test_special_tokens_in_text_and_chat(tiny_model, tmp_path):
     assert isinstance(answer["text"], str) and answer == again
 
 
+@pytest.mark.parametrize("hidden", [256, 96])
+def test_tied_embedding_types_match_llama_quantize(tmp_path, hidden):
+    """With tied embeddings (SmolLM2) the token embedding is also the output matrix: every type gives it the
+    tensor type llama-quantize gives it (Q6_K, or Q8_0 for rows that do not fill 256), and every other
+    tensor's type agrees too."""
+    import gguf
+    import torch
+    import transformers
+
+    src = tmp_path / "tied"
+    src.mkdir()
+    tok = tiny.train_bpe(src)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(src))
+    export_gguf(src, tmp_path / "f32.gguf", "f32")
+
+    def types(path):
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+    for export_type, ftype in (("q4_0", "Q4_0"), ("q5_1", "Q5_1"), ("q8_0", "Q8_0"), ("q6_k", "Q6_K"),
+                               ("q4_k_m", "Q4_K_M")):
+        export_gguf(src, tmp_path / "ours.gguf", export_type, overwrite=True)
+        verify.llama_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        ours, theirs = types(tmp_path / "ours.gguf"), types(tmp_path / "theirs.gguf")
+        assert "output.weight" not in ours and ours == theirs, export_type
+
+
 def test_native_crash_fails_one_check(tiny_model, tmp_path):
     """llama.cpp dying of a signal ends its child process only: the waiting call raises one sentence."""
     from compress.errors import CompressError

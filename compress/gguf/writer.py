@@ -9,9 +9,10 @@ renamed into place only when complete.
 
 Type choice per tensor, as llama.cpp makes it:
 - vectors (norms, biases) stay float32, as do BERT's position and token-type tables;
-- matrices take the requested type; the mixes q4_k_m / q5_k_m give the output matrix Q6_K and
-  attn_v / ffn_down of the first and last eighth of the layers (and every third one between) Q6_K,
-  as llama-quantize does;
+- matrices take the requested type, except the output matrix (or the token embedding tied to it),
+  which every quantized type writes as Q6_K (Q8_0 stays Q8_0), as llama-quantize does; the mixes
+  q4_k_m / q5_k_m also give attn_v / ffn_down of the first and last eighth of the layers (and every
+  third one between) Q6_K;
 - a matrix whose rows do not split into whole blocks falls back (Q4_K -> Q5_0, Q5_K -> Q5_1,
   Q6_K -> Q8_0, and to F16 when even 32 does not divide the row), and the report lists it.
 """
@@ -98,10 +99,13 @@ def choose_type(name: str, shape: tuple[int, ...], export_type: str, n_layers: i
     base = TYPES[export_type][0]
     if len(shape) < 2 or name in ALWAYS_F32 or export_type == "f32":
         return "F32"
+    if base in ("F16", "BF16"):
+        return base
+    # the output matrix (the token embedding too when the two are tied) keeps 6 bits or more in every
+    # quantized type, as llama-quantize decides: 4-bit logits cost far more than 4-bit blocks elsewhere
+    if name == "output.weight" or (tied_output and name == "token_embd.weight"):
+        return base if base == "Q8_0" else "Q6_K" if shape[-1] % BLOCK[base] == 0 else "Q8_0"
     if export_type.endswith("_m"):
-        is_output = name == "output.weight" or (tied_output and name == "token_embd.weight")
-        if is_output:
-            return "Q6_K" if shape[-1] % 256 == 0 else "Q8_0"
         parts = name.split(".")
         if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and use_more_bits(int(parts[1]), n_layers):
             return "Q6_K"
