@@ -56,6 +56,7 @@ class Vocab:
     add_eos: bool = False
     add_sep: bool = False
     add_space_prefix: bool | None = None
+    chat_template: str | None = None  # Jinja; without it llama.cpp falls back to the llama-2 chat format
 
     def write(self, writer) -> None:
         """Add the tokenizer.ggml.* keys to a gguf.GGUFWriter."""
@@ -79,6 +80,8 @@ class Vocab:
             writer.add_add_sep_token(True)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
+        if self.chat_template is not None:
+            writer.add_chat_template(self.chat_template)
 
 
 def read_vocab(folder: str | Path, vocab_size: int | None = None) -> Vocab:
@@ -108,6 +111,7 @@ def read_vocab(folder: str | Path, vocab_size: int | None = None) -> Vocab:
     else:
         raise CompressError(f"tokenizer model type {kind} cannot be exported to GGUF; supported: {SUPPORTED}")
     _add_special(vocab, spec, folder)
+    vocab.chat_template = read_chat_template(folder)
     if vocab_size is not None and vocab_size < len(vocab.tokens):
         raise CompressError(f"the tokenizer has {len(vocab.tokens)} tokens but the model only {vocab_size} embedding rows; "
                             f"llama.cpp needs one row per token")
@@ -248,6 +252,22 @@ def _read_json(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise CompressError(f"{path} is not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The folder's chat template: chat_template.jinja, else tokenizer_config.json's chat_template (a string,
+    or the one named "default" in a list of named templates); None when it has none."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CompressError(f"cannot read the chat template {path} ({e})") from None
+    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def special_from_files(folder: Path, spec: dict) -> tuple[dict[str, int], bool, bool] | None:
