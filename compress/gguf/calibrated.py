@@ -6,7 +6,8 @@
   symmetric GPTQ result (z = 8) is exactly Q4_0's ``w = d*(q - 8)``.
 - An importance matrix is the mean square of each Linear input column over calibration text, taken
   block by block with the shared calibration runner (an observer that only accumulates); the k-quant
-  encoders weight their scale fit with it, as llama-quantize --imatrix does.
+  encoders and the Q4_0/Q5_0 ones (k-quant mixes fall back to Q5_0 for short rows) weight their
+  scale fit with it, as llama-quantize --imatrix does.
 """
 
 from __future__ import annotations

@@ -134,6 +134,10 @@ def encode(data: np.ndarray, ggml_type: str, importance: np.ndarray | None = Non
         from .kquants import ENCODERS
 
         return ENCODERS[ggml_type](data.reshape(-1, data.shape[-1]), importance).reshape(*data.shape[:-1], -1)
+    if importance is not None and ggml_type in ("Q4_0", "Q5_0"):  # importance-weighted scale search
+        from .legacy import ENCODERS
+
+        return ENCODERS[ggml_type](data.reshape(-1, data.shape[-1]), importance).reshape(*data.shape[:-1], -1)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType[ggml_type])
 
 
