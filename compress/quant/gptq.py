@@ -14,6 +14,7 @@ Layers that share an input (q/k/v) share H: ``prepare_hessian`` factors it once 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,24 @@ from ..errors import CompressError
 from .primitives import QuantResult, QuantSpec, choose_qparams, choose_qparams_mse
 
 DAMP_STEPS = 4  # damping tries: damp, then x10 each time
+
+
+@contextmanager
+def one_thread():
+    """Run torch's CPU ops on a single thread inside the block, then restore the thread count.
+
+    The solve is thousands of small ops (one column each) and small factorizations: a second thread
+    saves little on them and makes every op wait at a barrier for it, which on a busy machine (where
+    the other thread is often descheduled) makes the solve 10-25x slower.
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 def make_hessian(in_features: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -40,9 +59,8 @@ def accumulate_hessian(hessian: torch.Tensor, count: int, inputs: torch.Tensor) 
     if new == 0:
         return count
     total = count + new
-    hessian.mul_(count / total)
-    x = x * (2.0 / total) ** 0.5
-    hessian.addmm_(x.t(), x)
+    # one product per batch, rescaling the old mean in the same call (no scaled copy of the inputs)
+    hessian.addmm_(x.t(), x, beta=count / total, alpha=2.0 / total)
     return total
 
 
@@ -63,6 +81,7 @@ class InverseHessian:
     damp: float
 
 
+@one_thread()
 def prepare_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False, name: str = "") -> InverseHessian:
     """Factor the damped inverse Hessian; raise the damping x10 (up to 3 times) until it factors."""
     h = hessian.detach().to(torch.float32).clone()
@@ -94,6 +113,7 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float = 0.01, act_order: boo
     )
 
 
+@one_thread()
 def quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor | None,
@@ -162,14 +182,17 @@ def quantize_weight(
     col_group_list = col_group.tolist()
 
     hinv = prep.hinv
-    codes = torch.empty(n, k, device=w.device)
+    # the loop walks columns, so hold them as contiguous rows: wt [K, N], each step a row
+    wt = w.t().contiguous()
+    keept = keep.t().contiguous() if keep is not None else None
+    codes_t = torch.empty(k, n, device=w.device)
     losses = torch.zeros(n, device=w.device)
     scale = zero = None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        keep1 = keep[:, i1:i2] if keep is not None else None
-        q1 = torch.empty_like(w1)
+        w1 = wt[i1:i2]  # a view: updates land in wt, whose rows i1..i2 are not read again once quantized
+        keep1 = keept[i1:i2] if keept is not None else None
+        q1 = codes_t[i1:i2]
         err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diagonal(hinv1)
@@ -179,25 +202,26 @@ def quantize_weight(
             g = col_group_list[col]
             if g != current:
                 if not fixed and col % group == 0:
-                    # the group's range comes from its columns as updated so far
-                    span = torch.cat([w1[:, i:], w[:, i2:col + group]], dim=1)[:, :group]
-                    if keep is not None:  # pruned weights will be zero, whatever the updates made of them
-                        span = span * torch.cat([keep1[:, i:], keep[:, i2:col + group]], dim=1)[:, :group]
-                    scales[:, g], zeros[:, g] = params(span)
-                scale, zero, current = scales[:, g], zeros[:, g], g
-            x = w1[:, i]
+                    # the group's range comes from its columns as updated so far (rows from i2 on do
+                    # not have this block's updates yet, as in the lazy scheme)
+                    span = wt[col:col + group]
+                    if keept is not None:  # pruned weights will be zero, whatever the updates made of them
+                        span = span * keept[col:col + group]
+                    scales[:, g], zeros[:, g] = params(span.t())
+                scale, zero, current = scales[:, g].contiguous(), zeros[:, g].contiguous(), g
+            x = w1[i]
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
             if keep1 is not None:
-                q = torch.where(keep1[:, i], q, zero)
+                q = torch.where(keep1[i], q, zero)
             e = (x - scale * (q - zero)) / diag[i]
-            q1[:, i] = q
-            err1[:, i] = e
+            q1[i] = q
+            err1[i] = e
             # spread this column's error over the rest of the block (one rank-1 update)
-            w1[:, i + 1:].addr_(e, hinv1[i, i + 1:], alpha=-1)
-        codes[:, i1:i2] = q1
-        losses += err1.pow(2).sum(1)
+            w1[i + 1:].addr_(hinv1[i, i + 1:], e, alpha=-1)
+        losses += err1.pow(2).sum(0)
         # lazy update: the whole block's error reaches the later columns in one matrix product
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    codes = codes_t.t()
 
     g_idx = torch.empty(k, dtype=torch.int32, device=w.device)
     if perm is not None:
