@@ -248,14 +248,16 @@ def _rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: str | None 
 def test_bad_gguf_files_are_one_sentence(exported, capsys, tmp_path, hash_tree):
     files = _bad_files(exported, tmp_path / "in")
     files["arch.gguf"] = _rewrite(exported("plain"), tmp_path / "in" / "arch.gguf", arch="mamba2")
+    files["t5.gguf"] = _rewrite(exported("plain"), tmp_path / "in" / "t5.gguf", arch="t5")
     files["notok.gguf"] = _rewrite(exported("plain"), tmp_path / "in" / "notok.gguf", drop="tokenizer.ggml.model")
     (tmp_path / "in" / "weights.bin").write_bytes(b"\0" * 64)
     before = hash_tree(tmp_path / "in")
     expected = {
         "truncated.gguf": ("is truncated or damaged",), "header-only.gguf": ("is truncated or damaged",),
         "notgguf.gguf": ("is not a GGUF file: it does not start with the GGUF magic bytes",),
-        "arch.gguf": ("holds a 'mamba2' model, which transformers cannot read from GGUF; supported architectures:",
-                      "llama", "qwen2"),
+        "arch.gguf": ("holds a 'mamba2' model, which transformers cannot read from GGUF as a causal LM",
+                      "supported architectures: bloom,", "llama", "qwen2"),
+        "t5.gguf": ("holds a 't5' model, which transformers cannot read from GGUF as a causal LM",),
         "notok.gguf": ("holds no tokenizer (no tokenizer.ggml.model key)",),
     }
     for name, fragments in expected.items():

@@ -25,8 +25,7 @@ from ..errors import CompressError
 GGUF_MAGIC = b"GGUF"
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 # llama.cpp architecture names transformers spells otherwise
-_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
-                 "t5encoder": "t5"}
+_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,8 @@ class GGUFInfo:
 
 
 def supported_architectures() -> list[str]:
-    """The GGUF architectures this transformers reads into a model, sorted."""
+    """The GGUF architectures this transformers reads into a causal LM, sorted (T5's encoder-decoders
+    are read too, but not as the causal LM compress imports)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     names = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
@@ -58,7 +58,7 @@ def supported_architectures() -> list[str]:
         from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
 
         names |= set(GGUF_CONFIG_ARCHS)
-    return sorted(names)
+    return sorted(n for n in names if "t5" not in n)
 
 
 def read_gguf_info(path: str | Path) -> GGUFInfo:
@@ -101,7 +101,7 @@ def read_gguf_info(path: str | Path) -> GGUFInfo:
     supported = supported_architectures()
     if _ARCH_ALIASES.get(architecture, architecture) not in supported:
         raise CompressError(f"GGUF file {path} holds a '{architecture}' model, which transformers cannot read "
-                            f"from GGUF; supported architectures: {', '.join(supported)}")
+                            f"from GGUF as a causal LM; supported architectures: {', '.join(supported)}")
     if reader.get_field("tokenizer.ggml.model") is None:
         raise CompressError(f"GGUF file {path} holds no tokenizer (no tokenizer.ggml.model key); compress needs a "
                             f"GGUF that carries its tokenizer")
