@@ -129,8 +129,8 @@ def build_configs(args):
 def run(args) -> None:
     from ..distill.pipeline import distill_model
 
+    check_eval_args(args)  # outputs first: finding the task may import a GGUF teacher, which takes a while
     config, student = build_configs(args)
-    check_eval_args(args)
     data = args.data
     if data is None:
         if config.task == "classify":
