@@ -345,6 +345,9 @@ class Runner:
     def run(self, samples: torch.Tensor, method: Method, progress=None) -> Iterator[BlockResult]:
         """Yield each block after its layers were solved; the caller writes it before the next one."""
         hidden, kwargs_list = self.capture(samples)
+        # blocks after the last one with observed layers (all skipped) need no inputs: stop the passes there
+        last = max((i for i, b in enumerate(self.blocks)
+                    if any(method.wants(n) for n in find_linears(b, f"{self.blocks_name}.{i}"))), default=-1)
         try:
             for index, block in enumerate(self.blocks):
                 prefix = f"{self.blocks_name}.{index}"
@@ -368,7 +371,8 @@ class Runner:
                                 store = ActivationStore(self._tmp / f"replay-{cname}" if self._tmp else None)
                                 replays.append(_Replay(child, self, store))
                                 child.forward = replays[-1]
-                    hidden = self._advance(block, hidden, kwargs_list, index)
+                    if index <= last:
+                        hidden = self._advance(block, hidden, kwargs_list, index)
                 finally:
                     for rp in replays:
                         del rp.module.forward  # the class's forward again
