@@ -93,6 +93,12 @@ def test_type_policy():
     assert choose_type("token_embd.weight", (4096, 512), "q4_0", 8, False) == "Q4_0"
     assert choose_type("output.weight", (4096, 512), "q8_0", 8, False) == "Q8_0"
     assert choose_type("output.weight", (4096, 512), "f16", 8, False) == "F16"
+    # with an importance matrix, llama-quantize gives the first eighth of Q4_0/Q5_0 ffn_down layers Q4_1/Q5_1
+    assert choose_type("blk.2.ffn_down.weight", (576, 1536), "q4_0", 30, True, calibrated=True) == "Q4_1"
+    assert choose_type("blk.3.ffn_down.weight", (576, 1536), "q4_0", 30, True, calibrated=True) == "Q4_0"
+    assert choose_type("blk.0.ffn_down.weight", (576, 1536), "q5_0", 30, True, calibrated=True) == "Q5_1"
+    assert choose_type("blk.0.ffn_down.weight", (576, 1536), "q4_0", 30, True) == "Q4_0"
+    assert choose_type("blk.0.ffn_down.weight", (576, 1536), "q4_k_m", 30, True, calibrated=True) == "Q6_K"
     assert choose_type("position_embd.weight", (512, 384), "q8_0", 6, False) == "F32"
     # llama.cpp's fallbacks for rows that do not fill a block
     assert fit_to_rows("Q4_K", 384) == "Q5_0" and fit_to_rows("Q5_K", 384) == "Q5_1"

@@ -92,8 +92,12 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def choose_type(name: str, shape: tuple[int, ...], export_type: str, n_layers: int, tied_output: bool) -> str:
-    """The ggml type the policy wants for tensor ``name`` (before the row-length fallback)."""
+def choose_type(name: str, shape: tuple[int, ...], export_type: str, n_layers: int, tied_output: bool,
+                calibrated: bool = False) -> str:
+    """The ggml type the policy wants for tensor ``name`` (before the row-length fallback).
+
+    calibrated: an importance matrix steers the encoding (llama-quantize --imatrix), which changes the mix.
+    """
     from .arch import ALWAYS_F32
 
     base = TYPES[export_type][0]
@@ -105,8 +109,12 @@ def choose_type(name: str, shape: tuple[int, ...], export_type: str, n_layers: i
     # quantized type, as llama-quantize decides: 4-bit logits cost far more than 4-bit blocks elsewhere
     if name == "output.weight" or (tied_output and name == "token_embd.weight"):
         return base if base == "Q8_0" else "Q6_K" if shape[-1] % BLOCK[base] == 0 else "Q8_0"
+    parts = name.split(".")
+    if calibrated and export_type in ("q4_0", "q5_0") and parts[0] == "blk" and parts[2] == "ffn_down" \
+            and int(parts[1]) < n_layers // 8:
+        # llama-quantize's guard for the first ffn_down layers, which go astray even with an importance matrix
+        return "Q4_1" if export_type == "q4_0" else "Q5_1"
     if export_type.endswith("_m"):
-        parts = name.split(".")
         if parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down") and use_more_bits(int(parts[1]), n_layers):
             return "Q6_K"
     return base
@@ -149,7 +157,7 @@ def nbytes(shape: tuple[int, ...], ggml_type: str) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
 
 
-def plan(reader, arch, export_type: str) -> list[TensorPlan]:
+def plan(reader, arch, export_type: str, calibrated: bool = False) -> list[TensorPlan]:
     """Names and types of every tensor to write, from shapes alone (no weight is loaded)."""
     out = []
     for hf_name in reader.keys():
@@ -159,7 +167,7 @@ def plan(reader, arch, export_type: str) -> list[TensorPlan]:
         is_float, shape = reader.info(hf_name)
         if not is_float:
             raise CompressError(f"tensor {hf_name} is not floating point; GGUF export needs a floating-point checkpoint")
-        wanted = choose_type(name, shape, export_type, arch.n_layers, arch.tied_output)
+        wanted = choose_type(name, shape, export_type, arch.n_layers, arch.tied_output, calibrated)
         out.append(TensorPlan(hf_name, name, tuple(shape), fit_to_rows(wanted, shape[-1]), wanted))
     check_tensors(arch.shapes, {t.name: (t.hf_name, "float", True, t.shape) for t in out}, reader.folder)
     return out
@@ -214,7 +222,7 @@ def export_gguf(model: str | Path, out: str | Path, export_type: str = "f16", *,
     vocab = read_vocab(folder, arch.config.get("vocab_size"))
     replace = replace or {}
     with open_tensors(folder) as reader:
-        tensors = plan(reader, arch, export_type)
+        tensors = plan(reader, arch, export_type, calibrated=importance is not None)
         for t in tensors:
             if t.name in replace:
                 t.ggml_type = t.wanted = replace[t.name][0]
