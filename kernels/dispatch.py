@@ -90,8 +90,13 @@ def _wanted(force: str | None) -> str | None:
 
 
 def _token(layer: dict) -> tuple:
-    """Identity of a layer's tensors: a prepared form is valid while these are unchanged."""
-    return tuple((t.data_ptr(), t._version, t.device) if isinstance(t, torch.Tensor) else t for t in layer.values())
+    """Identity of a layer's tensors: a prepared form is valid while these are unchanged.
+
+    Tensors made under ``torch.inference_mode`` (a model loaded there) keep no version counter; they
+    are identified by storage alone.
+    """
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, t.device) if isinstance(t, torch.Tensor)
+                 else t for t in layer.values())
 
 
 def _prepared(backend: Backend, layer: dict, cache: dict | None):

@@ -81,3 +81,14 @@ def test_build_folders_per_source_and_stale_locks(tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     build_directory("k", [str(a)], {})
     assert not lock.exists()
+
+
+def test_layers_made_in_inference_mode_run_with_a_cache():
+    """A model loaded inside torch.inference_mode has tensors without a version counter."""
+    with torch.inference_mode():
+        layer = gptq_layer(64, 32, 32)
+        x = torch.randn(2, 64)
+        cache = {}
+        first = dispatch.gptq_matmul(x, **layer, cache=cache)
+        again = dispatch.gptq_matmul(x, **layer, cache=cache)
+    assert torch.equal(first, again)
