@@ -131,7 +131,7 @@ def main() -> None:
             (work / "status.json").unlink(missing_ok=True)
             (work / "request.json").write_text(request)
             (work / "tokens.json").write_text(json.dumps(ids.tolist()))
-            # run outside the repository: its kernels/ folder would shadow the `kernels` package there
+            # run outside the repository, so that nothing in it shadows a package of the peer's environment
             subprocess.run([args.peer, str(HERE / "gptq_consumers.py"), "--produce", "--tokens", str(work / "tokens.json"),
                             "--out", str(work), *folders], check=True, cwd=work,
                            env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})

@@ -9,8 +9,7 @@
 #   bash benchmarks/peer_venv.sh [VENV]        # default /work/venvs/gptqmodel
 #   python benchmarks/gptq.py --models smollm2 --peer "$(bash benchmarks/peer_venv.sh | tail -1)"
 set -euo pipefail
-# the checks run outside the repository: its kernels/ folder would shadow the `kernels` package that
-# transformers imports inside this environment (scripts are safe: python puts their own folder first)
+# the checks run outside the repository, so that nothing in it can shadow a package of this environment
 
 VENV="$(realpath -m "${1:-/work/venvs/gptqmodel}")"
 TORCH="${PEER_TORCH_VERSION:-2.14.1}"
