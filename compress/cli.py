@@ -222,10 +222,16 @@ def _on_sigterm(handler):
 
 
 def _quiet_libraries() -> None:
-    """transformers' warnings off: by its environment variable, so commands that never use it do not import it."""
+    """transformers' warnings off: by its environment variable, so commands that never use it do not import it.
+
+    The hub-kernels package transformers uses (``kernels``) logs through the standard logging module, for
+    example that it skips a publisher check offline; only its errors reach the user.
+    """
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "transformers" in sys.modules:  # already imported (the CLI called in-process): the variable was read
         from transformers.utils import logging as hf_logging
