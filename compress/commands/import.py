@@ -17,15 +17,10 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
-    import os
-
-    from ..files import BENCHMARK_GGUF_NAME, benchmark_gguf_path
+    from ..files import named_model
     from ..gguf.importer import import_to
 
-    source = args.gguf
-    if source == BENCHMARK_GGUF_NAME and not os.path.exists(source):
-        source = benchmark_gguf_path()
-    info = import_to(source, args.out, overwrite=args.overwrite)
+    info = import_to(named_model(args.gguf), args.out, overwrite=args.overwrite)
     types = ", ".join(sorted(set(info.tensor_types.values())))
     weights = (f"weights dequantized from the GGUF's quantized values ({types})" if info.quantized
                else f"weights as stored ({types})")

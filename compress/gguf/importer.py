@@ -199,12 +199,6 @@ def gguf_models() -> Iterator[None]:
         _SCOPE.reset(token)
 
 
-def is_gguf_path(path: str | Path) -> bool:
-    """True for a path to an existing file whose name ends in .gguf."""
-    p = Path(path).expanduser()
-    return p.suffix.lower() == ".gguf" and p.is_file()
-
-
 def imported_folder(path: str | Path) -> Path:
     """The Hugging Face folder for the GGUF file ``path``, imported inside the current :func:`gguf_models` scope."""
     scope = _SCOPE.get()
