@@ -132,14 +132,19 @@ def quantize_q5_k(rows: np.ndarray, importance: np.ndarray | None = None) -> np.
     return blocks.reshape(rows.shape[0], -1)
 
 
-def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int = 32) -> np.ndarray:
-    """Best scale per row of x [n, 16] for codes -nmax..nmax-1 (w ~ scale*q), searched around max|x|."""
+def fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Best scale per row of x [n, size] for codes -nmax..nmax-1 (x ~ scale*q), searched around max|x|.
+
+    Returns (scale [n], codes [n, size] signed) in x's float dtype: the codes of the winning candidate,
+    as llama.cpp keeps them (Q4_0 / Q5_0 store those; Q6_K re-rounds against its stored scales).
+    """
     idx = np.abs(x).argmax(axis=-1)
     peak = np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
     zero = np.abs(peak) < 1e-30
     peak = np.where(zero, 1.0, peak)
-    best_scale = np.zeros(x.shape[0], dtype=np.float32)
-    best_score = np.full(x.shape[0], -1.0, dtype=np.float32)
+    best_scale = np.zeros(x.shape[0], dtype=x.dtype)
+    best_score = np.full(x.shape[0], -1.0, dtype=x.dtype)
+    best_q = np.zeros(x.shape, dtype=x.dtype)
     for step in range(-9, 10):
         iscale = -(nmax + 0.1 * step) / peak
         q = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
@@ -150,7 +155,8 @@ def _fit_symmetric(x: np.ndarray, w: np.ndarray, nmax: int = 32) -> np.ndarray:
         better = (sum_l2 > 0) & (score > best_score)
         best_score = np.where(better, score, best_score)
         best_scale = np.where(better, sum_lx / np.where(sum_l2 > 0, sum_l2, 1.0), best_scale)
-    return np.where(zero, 0.0, best_scale).astype(np.float32)
+        best_q = np.where(better[:, None], q, best_q)
+    return np.where(zero, 0.0, best_scale).astype(x.dtype), np.where(zero[:, None], 0, best_q)
 
 
 def quantize_q6_k(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
@@ -162,7 +168,7 @@ def quantize_q6_k(rows: np.ndarray, importance: np.ndarray | None = None) -> np.
     else:
         imp = np.broadcast_to(importance.reshape(1, -1, 16), (rows.shape[0], *importance.reshape(-1, 16).shape)).reshape(-1, 16)
         w = _weights(x, imp)
-    scale = _fit_symmetric(x, w).reshape(-1, 16)
+    scale = fit_symmetric(x, w)[0].reshape(-1, 16)
     # the super-block step maps the largest sub-block scale (with its sign) to -128
     idx = np.abs(scale).argmax(axis=-1)
     peak = np.take_along_axis(scale, idx[:, None], axis=-1)[:, 0]

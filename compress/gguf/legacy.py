@@ -15,33 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kquants import fit_symmetric
+
 QK = 32
-
-
-def _codes(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scale [n], codes int [n, 32] in 0..2*nmax-1) per block x [n, 32] for w ~ scale*(code - nmax).
-
-    Candidate inverse scales -(nmax + 0.1*k)/max for k in -9..9 (max the signed largest-magnitude
-    weight); for each rounding the weighted least-squares scale, keeping the one with the least error.
-    """
-    idx = np.abs(x).argmax(axis=-1)
-    peak = np.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
-    zero = np.abs(peak) < 1e-30
-    peak = np.where(zero, 1.0, peak)
-    best_scale = np.zeros(x.shape[0], dtype=np.float64)
-    best_score = np.full(x.shape[0], -1.0)
-    best_q = np.zeros(x.shape, dtype=np.int64)
-    for step in range(-9, 10):
-        q = np.clip(np.rint(-(nmax + 0.1 * step) / peak[:, None] * x), -nmax, nmax - 1)
-        sum_lx = (w * x * q).sum(axis=-1)
-        sum_l2 = (w * q * q).sum(axis=-1)
-        safe = np.where(sum_l2 > 0, sum_l2, 1.0)
-        score = np.where(sum_l2 > 0, sum_lx * sum_lx / safe, 0.0)  # error falls as this grows
-        better = (sum_l2 > 0) & (score > best_score)
-        best_score = np.where(better, score, best_score)
-        best_scale = np.where(better, sum_lx / safe, best_scale)
-        best_q = np.where(better[:, None], q, best_q)
-    return np.where(zero, 0.0, best_scale), np.where(zero[:, None], 0, best_q) + nmax
 
 
 def _blocks(rows: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,7 +27,10 @@ def _blocks(rows: np.ndarray, importance: np.ndarray, nmax: int) -> tuple[np.nda
                          f"{rows.shape} and {importance.shape}")
     sigma2 = (rows.astype(np.float64) ** 2).mean(axis=1, keepdims=True)
     w = importance.astype(np.float64)[None, :] * np.sqrt(sigma2 + rows.astype(np.float64) ** 2)
-    scale, q = _codes(rows.reshape(-1, QK).astype(np.float64), w.reshape(-1, QK), nmax)
+    # llama.cpp's search: candidate inverse scales -(nmax + 0.1*k)/max for k in -9..9, each refit by
+    # weighted least squares; the codes of the best candidate, offset to 0..2*nmax-1
+    scale, q = fit_symmetric(rows.reshape(-1, QK).astype(np.float64), w.reshape(-1, QK), nmax)
+    q = q.astype(np.int64) + nmax
     d = scale.astype(np.float16).reshape(-1, 1).view(np.uint8)  # [blocks, 2]
     q = q.astype(np.uint8)
     return d, q, rows
