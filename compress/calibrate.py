@@ -20,9 +20,22 @@ disk (``offload_dir``) instead of in memory.
 Passes after a submodule is finished replay it instead of recomputing it: once every observed layer
 inside a direct child of the block (an attention module, say) and every observed layer that runs
 before it are solved, neither its weights nor its inputs change again, so its output for each batch
-is recorded on the next pass that computes it and returned as is on later passes (the attention of a
-Llama block then runs three times per batch instead of five). The recorded outputs cost one more set
-of activations, kept wherever the activations are kept.
+is recorded on the next pass that computes it and returned as is on later passes. When the child's
+output is the output of its last Linear layer (checked on the first batch: the same tensor, unchanged),
+that layer's input is recorded while the layer is observed, and once it is solved the child is computed
+as that one layer applied to the record instead of all of it (an attention module becomes its output
+projection; an MLP its down projection). A Llama block then costs one forward pass per batch plus the
+Hessian products, instead of about two. The records cost a few more sets of activations, kept
+wherever the activations are kept.
+
+Precision: activations and weights are held in the runner's ``dtype``, and with ``autocast`` the
+matrix products of the forwards run in that lower dtype under torch.autocast (norms, softmax and the
+residual sums stay in ``dtype``). ``calibration_precision`` chooses: on the CPU, float32 with bfloat16
+products when the processor multiplies bfloat16 matrices natively (AMX or AVX512-BF16: 8x faster
+than float32 there; keeping the residual stream in float32 is what keeps GPTQ's result as good as a
+float32 run), else float32 throughout; on a GPU the checkpoint's half precision. Whatever the
+choice, each layer's solve starts from its weight as stored in the checkpoint, in float32, and
+methods accumulate their statistics in float32.
 
 A method is any object with ``wants(name) -> bool``, ``observer(in_features, device)`` (an object
 with ``add_batch(inputs)``) and ``solve(name, weight [N, K] float32, observer) -> (new_weight,
@@ -31,6 +44,7 @@ payload)``; the payloads come back per layer in each BlockResult.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +54,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
-from .checkpoint import check_finite
+from .checkpoint import all_finite, check_finite
 from .errors import CompressError
 from .memory import release_free_memory
 from .models import find_blocks, find_linears, is_conv1d
@@ -91,6 +105,44 @@ class ActivationStore:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
         self._items = []
+
+
+CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16; Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def calibration_precision(device: torch.device, reader, requested: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype, autocast dtype or None) of the calibration forwards for ``requested``, one of
+    CALIBRATION_DTYPES: the dtype of the matrix products. On the CPU a lower one runs under autocast
+    over float32 activations ('auto': bfloat16 where the CPU computes it natively, else float32); on a
+    GPU the whole block runs in it ('auto': the checkpoint's half precision, float16 if it is float32)."""
+    if requested not in CALIBRATION_DTYPES:
+        raise CompressError(f"calibration dtype '{requested}' is not one of {', '.join(CALIBRATION_DTYPES)}")
+    if device.type == "cpu":
+        if requested == "float16":
+            raise CompressError("float16 calibration needs a GPU; on the CPU use bfloat16 or float32")
+        if requested == "bfloat16" or (requested == "auto" and native_bfloat16()):
+            return torch.float32, torch.bfloat16
+        return torch.float32, None
+    if requested != "auto":
+        return getattr(torch, requested), None
+    for key in reader.keys():
+        dtype, _ = reader.info(key)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype, None
+    return torch.float16, None
 
 
 def _to_cpu(value):
@@ -196,9 +248,9 @@ def _first_tensor(output):
 class _Replay:
     """Stands in for a finished submodule's forward: computes each batch once, then returns the record."""
 
-    def __init__(self, module: nn.Module, runner: "Runner", store: ActivationStore):
+    def __init__(self, module: nn.Module, runner: "Runner", store: ActivationStore, forward=None):
         self.module, self.runner, self.store = module, runner, store
-        self.forward = module.forward
+        self.forward = forward or module.forward
         self.slots: dict[int, int] = {}  # batch index -> position in the store
 
     def __call__(self, *args, **kwargs):
@@ -211,22 +263,55 @@ class _Replay:
         return out
 
 
+@dataclass
+class _Shortcut:
+    """A child whose output is its last Linear's output: once that layer is solved, the child's output
+    is the layer applied to its recorded input (``template`` rebuilds a tuple output around it)."""
+
+    child: str
+    layer: str
+    template: Any  # None for a plain tensor output; else (position, length) of a tuple of Nones
+    inputs: ActivationStore | None = None
+
+    def forward(self, runner: "Runner", layer: nn.Module):
+        def run(*args, **kwargs):
+            out = layer(_to_device(self.inputs[runner._batch], runner.device))
+            if self.template is None:
+                return out
+            position, length = self.template
+            return tuple(out if i == position else None for i in range(length))
+        return run
+
+
+def _output_template(output, tensor) -> tuple[bool, Any]:
+    """Whether ``output`` is ``tensor`` alone or a tuple holding it beside Nones, and how to rebuild it."""
+    if output is tensor:
+        return True, None
+    if isinstance(output, tuple) and sum(o is tensor for o in output) == 1:
+        position = next(i for i, o in enumerate(output) if o is tensor)
+        if all(o is None for i, o in enumerate(output) if i != position):
+            return True, (position, len(output))
+    return False, None
+
+
 class Runner:
     """Runs a method over every block of a model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, reader, key_of: dict[str, str], *, device: torch.device, dtype: torch.dtype,
                  blocks: str | None = None, batch_size: int = 8, offload_dir: str | Path | None = None,
-                 true_sequential: bool = True, replay: bool = True):
+                 true_sequential: bool = True, replay: bool = True, autocast: torch.dtype | None = None):
         self.model = model.eval()  # no dropout: calibration must see what inference computes
         self.reader = reader
         self.key_of = key_of
         self.device = device
         self.dtype = dtype
+        self.autocast = autocast  # the dtype of the matrix products, when lower than dtype
         self.blocks_name, self.blocks = find_blocks(model, blocks)
         self.batch_size = batch_size
         self.true_sequential = true_sequential
         self.replay = replay
-        self._batch = -1  # index of the batch in flight, for _Replay
+        self._batch = -1  # index of the batch in flight, for _Replay and _Shortcut
+        self._shortcuts: dict[str, _Shortcut] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="compress-acts-", dir=offload_dir)) if offload_dir else None
 
     # ------------------------------------------------------------------ inputs of block 0
@@ -274,7 +359,10 @@ class Runner:
         self._batch = batch
         kw = dict(_to_device(kwargs, self.device))
         rest = kw.pop("__args__", ())
-        return block(h.to(self.device), *rest, **kw)
+        if self.autocast is None:
+            return block(h.to(self.device), *rest, **kw)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return block(h.to(self.device), *rest, **kw)
 
     def _kwargs(self, kwargs_list, i):
         return kwargs_list[i if len(kwargs_list) > 1 else 0]
@@ -286,16 +374,26 @@ class Runner:
         same input tensor (q/k/v; gate/up). Without true-sequential order, one stage holds them all.
         """
         calls: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps their memory from being reused
+        outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (output, its value then)
+        child_outputs: dict[str, list[Any]] = {}
         handles = []
         for name, layer in linears.items():
             def note(module, args, name=name):
                 calls.append((name, args[0]))
+
+            def result(module, args, output, name=name):
+                outputs.setdefault(name, []).append((output, output.clone()))
             handles.append(layer.register_forward_pre_hook(note))
+            handles.append(layer.register_forward_hook(result))
         self._child_calls: list[tuple[str, int]] = []  # (child name, number of layer calls before it)
         for cname, child in block.named_children():
             def enter(module, args, cname=cname):
                 self._child_calls.append((cname, len(calls)))
+
+            def leave(module, args, output, cname=cname):
+                child_outputs.setdefault(cname, []).append(output)
             handles.append(child.register_forward_pre_hook(enter))
+            handles.append(child.register_forward_hook(leave))
         try:
             with torch.inference_mode():
                 self._forward(block, h0, kw0)
@@ -320,7 +418,31 @@ class Runner:
         self._first_call = {}
         for i, (name, _) in enumerate(calls):
             self._first_call.setdefault(name, i)
+        self._shortcuts = self._find_shortcuts(block, linears, calls, outputs, child_outputs)
         return [[names for names, _ in stage] for stage in stages]
+
+    def _find_shortcuts(self, block, linears, calls, outputs, child_outputs) -> dict[str, _Shortcut]:
+        """Children (run once per pass) whose output is their last observed layer's output, unchanged.
+
+        Only in true-sequential order with replay on: the layer's input is then recorded while it is
+        observed, after every layer before it was solved, so the record is what later passes compute.
+        """
+        if not (self.replay and self.true_sequential):
+            return {}
+        prefix = next(n for n, m in self.model.named_modules() if m is block)
+        found = {}
+        for cname, outs in child_outputs.items():
+            inside = [n for n, _ in calls if n.startswith(f"{prefix}.{cname}.")]
+            if len(outs) != 1 or not inside:
+                continue
+            last = inside[-1]
+            if inside.count(last) != 1 or len(outputs.get(last, ())) != 1:
+                continue
+            tensor, value = outputs[last][0]
+            ok, template = _output_template(outs[0], tensor)
+            if ok and torch.equal(tensor, value):  # not changed in place after the layer returned it
+                found[cname] = _Shortcut(cname, last, template)
+        return found
 
     def _replayable(self, block: nn.Module, prefix: str, linears: dict[str, nn.Module]) -> dict[str, set[str]]:
         """Direct children that can be replayed once the returned observed layers are all solved.
@@ -344,6 +466,9 @@ class Runner:
 
     def run(self, samples: torch.Tensor, method: Method, progress=None) -> Iterator[BlockResult]:
         """Yield each block after its layers were solved; the caller writes it before the next one."""
+        # the long-lived objects (libraries, the skeleton) are never garbage: leave them out of the
+        # collections that free each block, which otherwise walk all of them every time
+        gc.freeze()
         hidden, kwargs_list = self.capture(samples)
         # blocks after the last one with observed layers (all skipped) need no inputs: stop the passes there
         last = max((i for i, b in enumerate(self.blocks)
@@ -355,33 +480,52 @@ class Runner:
                 materialize(self.model, names, self.reader, self.key_of, self.device, self.dtype)
                 linears = {n: m for n, m in find_linears(block, prefix).items() if method.wants(n)}
                 result = BlockResult(index, prefix, block)
-                replays: list[_Replay] = []
+                patched: list[nn.Module] = []  # children whose forward is replaced while the block runs
+                stores: list[ActivationStore] = []
                 try:
                     if linears:
                         stages = self.stages(block, linears, hidden[0], self._kwargs(kwargs_list, 0))
                         result.order = [n for stage in stages for group in stage for n in group]
                         waiting = self._replayable(block, prefix, linears) if self.replay else {}
+                        for cut in self._shortcuts.values():
+                            cut.inputs = ActivationStore(self._tmp / f"input-{cut.child}" if self._tmp else None)
+                            stores.append(cut.inputs)
+                        recorded: list[tuple[_Replay, _Shortcut]] = []  # replays that run a shortcut
                         for k, stage in enumerate(stages):
                             self._solve_stage(block, stage, linears, hidden, kwargs_list, method, result, progress)
-                            if k == len(stages) - 1:  # only the final pass is left: nothing to replay it for
-                                break
+                            for rp, cut in [(rp, cut) for rp, cut in recorded if len(rp.slots) == len(hidden)]:
+                                cut.inputs.clear()  # the replay holds the child's outputs now: the inputs can go
+                                recorded.remove((rp, cut))
                             for cname in [c for c, needs in waiting.items() if needs <= result.payloads.keys()]:
                                 del waiting[cname]
                                 child = block.get_submodule(cname)
-                                store = ActivationStore(self._tmp / f"replay-{cname}" if self._tmp else None)
-                                replays.append(_Replay(child, self, store))
-                                child.forward = replays[-1]
+                                cut = self._shortcuts.get(cname)
+                                forward = None
+                                if cut is not None and cut.layer in result.payloads and len(cut.inputs) == len(hidden):
+                                    forward = cut.forward(self, linears[cut.layer])
+                                if k < len(stages) - 1:  # record on the next pass, replay on the ones after
+                                    stores.append(ActivationStore(self._tmp / f"replay-{cname}" if self._tmp else None))
+                                    if forward is not None:
+                                        forward = _Replay(child, self, stores[-1], forward)
+                                        recorded.append((forward, cut))
+                                    else:
+                                        forward = _Replay(child, self, stores[-1])
+                                if forward is not None:
+                                    child.forward = forward
+                                    patched.append(child)
                     if index <= last:
                         hidden = self._advance(block, hidden, kwargs_list, index)
                 finally:
-                    for rp in replays:
-                        del rp.module.forward  # the class's forward again
-                        rp.store.clear()
+                    for child in patched:
+                        del child.forward  # the class's forward again
+                    for store in stores:
+                        store.clear()
                 yield result
                 release(block)
                 self.reader.release()
                 release_free_memory()
         finally:
+            gc.unfreeze()
             hidden.clear()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
@@ -396,8 +540,12 @@ class Runner:
             for name in group:
                 observers[name] = obs
 
-            def feed(module, args, obs=obs, stop=(last in group)):
+            records = [cut.inputs for cut in self._shortcuts.values() if cut.layer in group]
+
+            def feed(module, args, obs=obs, stop=(last in group), records=records):
                 obs.add_batch(args[0])
+                for store in records:
+                    store.append(args[0])
                 if stop:
                     raise StopForward
 
@@ -418,12 +566,20 @@ class Runner:
             for name in group:
                 layer = linears[name]
                 conv = is_conv1d(layer)
-                weight = layer.weight.detach().float()
+                weight = self._stored_weight(name, layer)
                 new, payload = method.solve(name, weight.t() if conv else weight, observers[name])
                 layer.weight.data = (new.t() if conv else new).to(layer.weight.dtype).contiguous()
                 result.payloads[name] = payload
                 if progress is not None:
                     progress(name, payload)
+
+    def _stored_weight(self, name: str, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight in float32: as the checkpoint stores it when the forwards run in a lower
+        precision (the solve must not start from a rounded copy), else as loaded."""
+        key = self.key_of.get(f"{name}.weight")
+        if self.dtype == torch.float32 or key is None:
+            return layer.weight.detach().float()
+        return self.reader.get(key).to(device=self.device, dtype=torch.float32)
 
     def _advance(self, block, hidden: ActivationStore, kwargs_list, index: int) -> ActivationStore:
         """Run every batch through the finished block: the next block's inputs."""
@@ -431,7 +587,7 @@ class Runner:
         with torch.inference_mode():
             for i in range(len(hidden)):
                 out = _first_tensor(self._forward(block, hidden[i], self._kwargs(kwargs_list, i), i))
-                if not torch.isfinite(out).all():
+                if not all_finite(out):
                     raise CompressError(
                         f"block {index} produces NaN or Inf on the calibration data; the model's weights or the data are out of range"
                     )

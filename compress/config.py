@@ -225,6 +225,10 @@ class GPTQConfig(WeightQuantConfig):
         offload: keep calibration activations on disk instead of in memory.
         seed: seeds the choice of calibration samples.
         text_field: column / field holding the text in calibration files.
+        calib_dtype: dtype of the calibration forwards' matrix products: 'auto' (on the CPU bfloat16
+            under autocast over float32 activations where the CPU has native bfloat16 matrix units,
+            else float32; the checkpoint's half precision on a GPU), 'float32', 'bfloat16' or
+            'float16' (GPU only). Solves and Hessians are float32 whatever it is.
     """
 
     method: ClassVar[str] = "gptq"
@@ -242,9 +246,12 @@ class GPTQConfig(WeightQuantConfig):
     offload: bool = False
     seed: int = 0
     text_field: str = "text"
+    calib_dtype: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.calib_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise CompressError(f"calibration dtype {self.calib_dtype} is not one of auto, float32, bfloat16, float16")
         if not 0 < self.damp <= 1:
             raise CompressError(f"--damp {self.damp} must lie in (0, 1]; 0.01 is usual")
         if self.nsamples < 1:

@@ -190,3 +190,71 @@ def test_replaying_finished_submodules_changes_nothing(tiny_model, arch, monkeyp
     assert all(torch.equal(a, b) for a, b in zip(outputs[False], outputs[True])) and len(outputs[True]) > 0
     # once the attention module is finished, its later runs come from the record, not from the module
     assert calls[True] < calls[False], calls
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_a_llama_block_costs_one_forward_pass_per_batch(tiny_model, replay):
+    """With replay, each Linear of a Llama block runs once per batch (plus the first batch's dry run):
+    the attention module becomes its solved output projection applied to the recorded input, the MLP
+    its down projection."""
+    path = tiny_model("llama")
+    samples = torch.randint(5, 100, (6, 16))
+    with CheckpointReader(path) as reader:
+        runner = make_runner(path, reader, batch_size=2, replay=replay)
+        counts = {}
+        for block in runner.blocks:
+            for name, module in block.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    # counted when computed (a pass stopped at a layer's input does not compute it)
+                    module.register_forward_hook(lambda *a, n=name: counts.update({n: counts.get(n, 0) + 1}))
+        shortcuts = {}
+        for result in runner.run(samples, Rounder()):
+            shortcuts.update({c: s.layer.rsplit(".", 2)[-2:] for c, s in runner._shortcuts.items()})
+    blocks, batches = len(runner.blocks), 3
+    if replay:
+        assert shortcuts == {"self_attn": ["self_attn", "o_proj"], "mlp": ["mlp", "down_proj"]}
+        # the dry run plus one pass; o_proj also runs once more to record the attention's output
+        assert counts["self_attn.q_proj"] == blocks * (1 + batches)
+        assert counts["mlp.gate_proj"] == blocks * (1 + batches)
+        assert counts["mlp.down_proj"] == blocks * (1 + batches)
+    else:
+        assert counts["self_attn.q_proj"] > blocks * (1 + batches)
+
+
+def test_calibration_precision_choices(monkeypatch):
+    import compress.calibrate as calibrate
+    from compress.errors import CompressError
+
+    cpu = torch.device("cpu")
+    for native, auto in ((True, (torch.float32, torch.bfloat16)), (False, (torch.float32, None))):
+        monkeypatch.setattr(calibrate, "native_bfloat16", lambda native=native: native)
+        assert calibrate.calibration_precision(cpu, None, "auto") == auto
+        # asked for, bfloat16 products run under autocast whatever the CPU; float32 stays float32
+        assert calibrate.calibration_precision(cpu, None, "bfloat16") == (torch.float32, torch.bfloat16)
+        assert calibrate.calibration_precision(cpu, None, "float32") == (torch.float32, None)
+    for bad in ("float16", "int8"):
+        with pytest.raises(CompressError):
+            calibrate.calibration_precision(cpu, None, bad)
+
+
+def test_shortcut_inputs_are_freed_once_the_replay_holds_the_outputs(tiny_model):
+    """The recorded o_proj inputs go as soon as the attention's outputs are recorded; with the down
+    projection's inputs they never coexist beyond one block."""
+    path = tiny_model("llama")
+    sizes = []
+    original = Runner._solve_stage
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sizes.append({c: len(s.inputs) for c, s in self._shortcuts.items()})
+
+    with CheckpointReader(path) as reader:
+        runner = make_runner(path, reader, batch_size=2)
+        runner._solve_stage = spy.__get__(runner)
+        for _ in runner.run(torch.randint(5, 100, (4, 16)), Rounder()):
+            pass
+    first = sizes[:4]  # after each pass of block 0's four stages: qkv, o, gate/up, down
+    # recorded in the o_proj pass, used once (the gate/up pass, which records the attention's outputs)
+    # and freed right after it: the down_proj pass already reads the replay
+    assert [s["self_attn"] for s in first] == [0, 2, 2, 0]
+    assert [s["mlp"] for s in first] == [0, 0, 0, 2]

@@ -112,6 +112,7 @@ def test_bad_inputs_one_sentence_exit_2_nothing_written(tiny_model, tmp_path, ha
         (["quantize", "--model", good, "--seqlen", 4096], ["beyond the model's 256 positions"]),
         (["quantize", "--model", good, "--calib", short, "--nsamples", 4, "--seqlen", 64], ["enough for 0 samples"]),
         (["quantize", "--model", good, "--damp", 0], ["--damp 0"]),
+        (["quantize", "--model", good, "--calib-dtype", "float16", "--device", "cpu"], ["float16 calibration needs a GPU"]),
         (["quantize", "--model", good, "--skip", "("], ["not a valid regular expression"]),
         (["quantize", "--model", good, "--bits", "four"], ["invalid int value"]),
         (["quantize", "--model", "some-org/some-model"], ["never downloads"]),

@@ -38,10 +38,15 @@ def test_gptq_quantize_load_run(tiny_model, tmp_path, hash_tree, arch):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
 
 
-def test_gptq_beats_rtn_in_kl(tiny_model, tmp_path, fast_eval):
+@pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
+def test_gptq_beats_rtn_in_kl(tiny_model, tmp_path, fast_eval, calib_dtype):
+    """Both calibration precisions (whatever 'auto' picks on this CPU) beat round-to-nearest."""
     src = tiny_model("llama")
     compress.quantize(src, tmp_path / "rtn", RTNConfig(bits=3, group_size=32), progress=False)
-    compress.quantize(src, tmp_path / "gptq", GPTQConfig(bits=3, group_size=32, nsamples=32, seqlen=64), progress=False)
+    compress.quantize(src, tmp_path / "gptq", GPTQConfig(bits=3, group_size=32, nsamples=32, seqlen=64,
+                                                         calib_dtype=calib_dtype), progress=False)
+    meta = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["calib_dtype"] == calib_dtype
     report = compress.compare([src, tmp_path / "rtn", tmp_path / "gptq"], fast_eval, progress=False)
     assert report.results[2].metrics["kl"] < report.results[1].metrics["kl"]
 

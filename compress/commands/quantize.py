@@ -43,6 +43,10 @@ def register(sub) -> None:
                    help="solve all layers of a block from the block's unquantized inputs (faster, less accurate)")
     g.add_argument("--calib-batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     g.add_argument("--offload", action="store_true", help="keep calibration activations on disk instead of in memory")
+    g.add_argument("--calib-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the calibration forwards' matrix products (auto: bfloat16 on a CPU with native "
+                        "bfloat16 matrix units, norms and residuals staying float32, else float32; half precision "
+                        "on a GPU). Solves and Hessians stay float32")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
     nf4 = q.add_argument_group("nf4 (4-bit blockwise, bitsandbytes layout)")
     nf4.add_argument("--quant-type", choices=("nf4", "fp4"), help="code table: nf4 (default) or fp4")
@@ -107,7 +111,7 @@ def build_config(args):
         return GPTQConfig(**common, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
                           mse=args.mse, true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
                           seqlen=args.seqlen, calib_batch_size=args.calib_batch_size, offload=args.offload,
-                          seed=args.seed, text_field=args.text_field)
+                          seed=args.seed, text_field=args.text_field, calib_dtype=args.calib_dtype)
     return RTNConfig(**common)
 
 

@@ -174,11 +174,11 @@ def _prune_magnitude(reader, targets, config: PruneConfig, writer, dev) -> dict[
 def _prune_calibrated(source, reader, targets, skeleton, key_of, config: PruneConfig, writer, dev, trust_remote_code,
                       progress) -> dict[str, tuple[int, int]]:
     """Wanda / SparseGPT through the calibration runner, block by block, straight into the writer."""
-    from ..calibrate import Runner
+    from ..calibrate import Runner, calibration_precision
     from ..config import GPTQConfig
     from ..data import calibration
     from ..models import load_tokenizer
-    from ..quant.gptq_model import calibration_seqlen, compute_dtype
+    from ..quant.gptq_model import calibration_seqlen
 
     seqlen = calibration_seqlen(GPTQConfig(seqlen=config.seqlen), skeleton.config)
     samples = calibration(load_tokenizer(source, trust_remote_code), config.calib, config.nsamples, seqlen, config.seed,
@@ -192,7 +192,9 @@ def _prune_calibrated(source, reader, targets, skeleton, key_of, config: PruneCo
         from .sparsegpt import SparseGPTMethod
 
         method = SparseGPTMethod(specs, damp=config.damp, block_size=config.block_size)
-    runner = Runner(skeleton, reader, key_of, device=dev, dtype=compute_dtype(dev, reader), blocks=config.blocks,
+    # float32 on the CPU: how Wanda's and SparseGPT's choices fare with bfloat16 forwards is not measured yet
+    dtype, _ = calibration_precision(dev, reader, "float32" if dev.type == "cpu" else "auto")
+    runner = Runner(skeleton, reader, key_of, device=dev, dtype=dtype, blocks=config.blocks,
                     batch_size=config.calib_batch_size)
     by_name = {t.name: t for t in targets}
     bar = _progress_bar(len(targets), progress)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate import Runner, default_offload_dir
+from ..calibrate import Runner, calibration_precision, default_offload_dir
 from ..checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, ShardWriter, check_finite
 from ..outputs import atomic_output
 from ..config import GPTQConfig
@@ -79,17 +79,6 @@ def calibration_seqlen(config: GPTQConfig, model_config) -> int:
     return config.seqlen
 
 
-def compute_dtype(device: torch.device, reader: CheckpointReader) -> torch.dtype:
-    """float32 on the CPU; on a GPU the checkpoint's half-precision dtype (float16 if it is float32)."""
-    if device.type == "cpu":
-        return torch.float32
-    for key in reader.keys():
-        dtype, _ = reader.info(key)
-        if dtype in (torch.float16, torch.bfloat16):
-            return dtype
-    return torch.float16
-
-
 def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overwrite: bool = False,
                   trust_remote_code: bool = False, progress: bool = True,
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizeReport:
@@ -107,7 +96,8 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
         dtype = output_dtype(config.dtype, reader)
         method = GPTQMethod(config, {t.name: t.spec for t in targets},
                             keep_zeros=bool(read_config_dict(source).get("sparsity_config")))
-        runner = Runner(skeleton, reader, key_of, device=dev, dtype=compute_dtype(dev, reader), blocks=config.blocks,
+        calib_dtype, autocast = calibration_precision(dev, reader, config.calib_dtype)
+        runner = Runner(skeleton, reader, key_of, device=dev, dtype=calib_dtype, autocast=autocast, blocks=config.blocks,
                         batch_size=config.calib_batch_size,
                         offload_dir=default_offload_dir() if config.offload else None,
                         true_sequential=config.true_sequential)
@@ -151,7 +141,8 @@ def quantize_gptq(model, out, config: GPTQConfig, *, device: str = "auto", overw
                 static_groups=config.static_groups, true_sequential=config.true_sequential, skip=config.skip,
                 overrides=config.overrides,
                 extra_meta={"calibration": config.calib, "nsamples": config.nsamples, "seqlen": seqlen,
-                            "mse": config.mse, "seed": config.seed})
+                            "mse": config.mse, "seed": config.seed,
+                            "calib_dtype": str(autocast or calib_dtype).removeprefix("torch.")})
             write_config_files(source, tmp, qcfg, dtype)
         if bar is not None:
             bar.close()
