@@ -182,6 +182,8 @@ def main() -> None:
                 outputs.append(out)
             print(f"{name} {setting}: " + ", ".join(f"{rows[o.name]['method']} {rows[o.name]['seconds']:.1f} s"
                                                      for _, o, _, _ in jobs), flush=True)
+            # the measured runs, kept even if the evaluation below fails
+            Path(args.json).with_suffix(".runs.json").write_text(json.dumps(rows, indent=2))
         report = compare(outputs, EvalConfig(device="cpu", latency=False, data=args.eval_data,
                                              ppl_tokens=args.eval_tokens, kl_tokens=args.kl_tokens))
         print(report.table(), flush=True)
