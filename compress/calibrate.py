@@ -30,12 +30,11 @@ wherever the activations are kept.
 
 Precision: activations and weights are held in the runner's ``dtype``, and with ``autocast`` the
 matrix products of the forwards run in that lower dtype under torch.autocast (norms, softmax and the
-residual sums stay in ``dtype``). ``calibration_precision`` chooses: on the CPU, float32 with bfloat16
-products when the processor multiplies bfloat16 matrices natively (AMX or AVX512-BF16: 8x faster
-than float32 there; keeping the residual stream in float32 is what keeps GPTQ's result as good as a
-float32 run), else float32 throughout; on a GPU the checkpoint's half precision. Whatever the
-choice, each layer's solve starts from its weight as stored in the checkpoint, in float32, and
-methods accumulate their statistics in float32.
+residual sums stay in ``dtype``). ``calibration_precision`` chooses: float32 on the CPU unless
+bfloat16 products are asked for (2x faster on CPUs with AMX, at a measured cost in the result's
+KL: BENCHMARKS.md), the checkpoint's half precision on a GPU. Whatever the choice, each layer's solve
+starts from its weight as stored in the checkpoint, in float32, and methods accumulate their
+statistics in float32.
 
 A method is any object with ``wants(name) -> bool``, ``observer(in_features, device)`` (an object
 with ``add_batch(inputs)``) and ``solve(name, weight [N, K] float32, observer) -> (new_weight,
@@ -110,32 +109,17 @@ class ActivationStore:
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16; Linux flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
 def calibration_precision(device: torch.device, reader, requested: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
     """(dtype, autocast dtype or None) of the calibration forwards for ``requested``, one of
-    CALIBRATION_DTYPES: the dtype of the matrix products. On the CPU a lower one runs under autocast
-    over float32 activations ('auto': bfloat16 where the CPU computes it natively, else float32); on a
-    GPU the whole block runs in it ('auto': the checkpoint's half precision, float16 if it is float32)."""
+    CALIBRATION_DTYPES: the dtype of the matrix products. 'auto' is float32 on the CPU and the
+    checkpoint's half precision on a GPU (float16 if it is float32). On the CPU, bfloat16 runs under
+    autocast over float32 activations; on a GPU the whole block runs in the dtype asked for."""
     if requested not in CALIBRATION_DTYPES:
         raise CompressError(f"calibration dtype '{requested}' is not one of {', '.join(CALIBRATION_DTYPES)}")
     if device.type == "cpu":
         if requested == "float16":
             raise CompressError("float16 calibration needs a GPU; on the CPU use bfloat16 or float32")
-        if requested == "bfloat16" or (requested == "auto" and native_bfloat16()):
-            return torch.float32, torch.bfloat16
-        return torch.float32, None
+        return (torch.float32, torch.bfloat16) if requested == "bfloat16" else (torch.float32, None)
     if requested != "auto":
         return getattr(torch, requested), None
     for key in reader.keys():
