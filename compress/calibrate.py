@@ -43,7 +43,6 @@ payload)``; the payloads come back per layer in each BlockResult.
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -450,9 +449,6 @@ class Runner:
 
     def run(self, samples: torch.Tensor, method: Method, progress=None) -> Iterator[BlockResult]:
         """Yield each block after its layers were solved; the caller writes it before the next one."""
-        # the long-lived objects (libraries, the skeleton) are never garbage: leave them out of the
-        # collections that free each block, which otherwise walk all of them every time
-        gc.freeze()
         hidden, kwargs_list = self.capture(samples)
         # blocks after the last one with observed layers (all skipped) need no inputs: stop the passes there
         last = max((i for i, b in enumerate(self.blocks)
@@ -507,9 +503,10 @@ class Runner:
                 yield result
                 release(block)
                 self.reader.release()
-                release_free_memory()
+                # the young generations only: a full collection walks every library object each block
+                # (4.7 s of a SmolLM2 run), and the block's tensors are freed by reference counts anyway
+                release_free_memory(full=False)
         finally:
-            gc.unfreeze()
             hidden.clear()
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
