@@ -31,7 +31,7 @@ wherever the activations are kept.
 Precision: activations and weights are held in the runner's ``dtype``, and with ``autocast`` the
 matrix products of the forwards run in that lower dtype under torch.autocast (norms, softmax and the
 residual sums stay in ``dtype``). ``calibration_precision`` chooses: float32 on the CPU unless
-bfloat16 products are asked for (2x faster on CPUs with AMX, at a measured cost in the result's
+bfloat16 products are asked for (1.5x faster on a CPU with AMX, at a measured cost in the result's
 KL: BENCHMARKS.md), the checkpoint's half precision on a GPU. Whatever the choice, each layer's solve
 starts from its weight as stored in the checkpoint, in float32, and methods accumulate their
 statistics in float32.
