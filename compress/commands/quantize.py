@@ -46,7 +46,7 @@ def register(sub) -> None:
     g.add_argument("--calib-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the calibration forwards' matrix products (auto: float32 on the CPU, half "
                         "precision on a GPU; bfloat16 on the CPU: norms and residuals stay float32, 1.5x "
-                        "faster with AMX, 7% worse in KL on SmolLM2). Solves and Hessians stay float32")
+                        "faster with AMX, 7%% worse in KL on SmolLM2). Solves and Hessians stay float32")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
     nf4 = q.add_argument_group("nf4 (4-bit blockwise, bitsandbytes layout)")
     nf4.add_argument("--quant-type", choices=("nf4", "fp4"), help="code table: nf4 (default) or fp4")
