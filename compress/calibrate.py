@@ -52,6 +52,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import nn
 
+from .activations import ActivationStore, copy_values, same_values, to_cpu, to_device
 from .checkpoint import all_finite, check_finite
 from .errors import CompressError
 from .memory import release_free_memory
@@ -72,37 +73,6 @@ class Method(Protocol):
     def observer(self, in_features: int, device: torch.device) -> Observer: ...
 
     def solve(self, name: str, weight: torch.Tensor, observer: Observer) -> tuple[torch.Tensor, Any]: ...
-
-
-class ActivationStore:
-    """A list of per-batch values (tensors, or tuples / dicts of them) kept in memory or in files."""
-
-    def __init__(self, folder: Path | None = None):
-        self.folder = folder
-        self._items: list[Any] = []
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def append(self, value: Any) -> None:
-        value = _to_cpu(value)
-        if self.folder is None:
-            self._items.append(value)
-        else:
-            path = self.folder / f"{len(self._items):06d}.pt"
-            torch.save(value, path)
-            self._items.append(path)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i: int) -> Any:
-        item = self._items[i]
-        return torch.load(item, weights_only=False) if self.folder is not None else item
-
-    def clear(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self._items = []
 
 
 CALIBRATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -126,48 +96,6 @@ def calibration_precision(device: torch.device, reader, requested: str = "auto")
         if dtype in (torch.float16, torch.bfloat16):
             return dtype, None
     return torch.float16, None
-
-
-def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu")
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_cpu(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    return value
-
-
-def _copy(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
-
-
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    return a == b
 
 
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache", "output_attentions")
@@ -239,10 +167,10 @@ class _Replay:
     def __call__(self, *args, **kwargs):
         batch = self.runner._batch
         if batch in self.slots:  # a copy: the block may change what it gets in place
-            return _copy(_to_device(self.store[self.slots[batch]], self.runner.device))
+            return copy_values(to_device(self.store[self.slots[batch]], self.runner.device))
         out = self.forward(*args, **kwargs)
         self.slots[batch] = len(self.store)
-        self.store.append(_copy(out))
+        self.store.append(copy_values(out))
         return out
 
 
@@ -256,9 +184,9 @@ class _Shortcut:
     template: Any  # None for a plain tensor output; else (position, length) of a tuple of Nones
     inputs: ActivationStore | None = None
 
-    def forward(self, runner: "Runner", layer: nn.Module):
+    def forward(self, runner: Runner, layer: nn.Module):
         def run(*args, **kwargs):
-            out = layer(_to_device(self.inputs[runner._batch], runner.device))
+            out = layer(to_device(self.inputs[runner._batch], runner.device))
             if self.template is None:
                 return out
             position, length = self.template
@@ -313,7 +241,7 @@ class Runner:
                 kw = {**kw, "__args__": rest}
             kw = {k: v for k, v in kw.items() if k not in _DROPPED_KWARGS}
             hidden.append(h)
-            kwargs_list.append(_to_cpu(kw))
+            kwargs_list.append(to_cpu(kw))
             raise StopForward
 
         handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -332,7 +260,7 @@ class Runner:
             handle.remove()
             release_outside(self.model, prefix)
         # every batch usually gets the same masks and rotary tables: keep one copy
-        if all(_same(kwargs_list[0], kw) for kw in kwargs_list[1:]):
+        if all(same_values(kwargs_list[0], kw) for kw in kwargs_list[1:]):
             kwargs_list = kwargs_list[:1]
         return hidden, kwargs_list
 
@@ -340,7 +268,7 @@ class Runner:
 
     def _forward(self, block, h, kwargs, batch: int = -1):
         self._batch = batch
-        kw = dict(_to_device(kwargs, self.device))
+        kw = dict(to_device(kwargs, self.device))
         rest = kw.pop("__args__", ())
         if self.autocast is None:
             return block(h.to(self.device), *rest, **kw)

@@ -25,9 +25,13 @@ def output_error(w, wq, x):
     return float(((x @ w.t() - x @ wq.t()) ** 2).mean())
 
 
-def test_hessian_is_the_running_mean_of_2xxT():
-    x = torch.randn(1000, 16)
-    torch.testing.assert_close(hessian_of(x), 2 * x.t() @ x / 1000, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("k", [16, 576, 700])  # one block; three; four uneven (192-column blocks)
+def test_hessian_is_the_running_mean_of_2xxT(k):
+    x = torch.randn(1000, k)
+    h = hessian_of(x)
+    ref = 2 * x.t().double() @ x.double() / 1000
+    torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, h.t(), rtol=1e-6, atol=1e-5)  # the mirrored blocks are the computed ones
 
 
 def test_hand_made_hessian_on_a_small_layer():
